@@ -1,0 +1,5 @@
+import sys
+
+from unimoe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per ``unimoe`` subcommand, each exposing ``main(argv) -> int``."""
