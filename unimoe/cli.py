@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "curriculum": ("unimoe.commands.curriculum:main", "run specialists -> upcycle -> warmup -> joint, resumable"),
     "upcycle": ("unimoe.commands.upcycle:main", "merge dense specialist checkpoints into one MoE checkpoint"),
     "data": ("unimoe.commands.data:main", "build the offline demo corpus, import and validate manifests"),
+    "codec": ("unimoe.commands.codec:main", "fit the embedded spectral_rvq codec on a corpus; round-trip a file"),
     "tokenize": ("unimoe.commands.tokenize:main", "encode a manifest's audio into codec-token shards"),
     "generate": ("unimoe.commands.generate:main", "generate speech or music from a checkpoint"),
     "evaluate": ("unimoe.commands.evaluate:main", "score a checkpoint or a folder of WAVs with a suite"),
