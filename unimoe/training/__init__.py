@@ -1,0 +1,1 @@
+"""Lightning training: the three curriculum stages, upcycling, callbacks and the CLI."""

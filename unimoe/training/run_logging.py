@@ -1,0 +1,80 @@
+"""MLflow as the default logger, with a local store inside the run directory.
+
+MLflow >= 3.7 refuses a plain ``file:./mlruns`` store, and Lightning's default MLflow
+logger would create one, so every run gets ``sqlite:///<run dir>/mlflow.db`` plus an
+explicit artifact folder. No server is needed; ``mlflow ui --backend-store-uri
+sqlite:///<run dir>/mlflow.db`` browses it. The run id is remembered in the run directory
+so a resumed stage keeps logging into the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+RUN_ID_FILE = "mlflow_run_id.txt"
+
+
+def tracking_uri_for(run_dir: str | Path) -> str:
+    """The sqlite MLflow store of a run directory (absolute, so any cwd works)."""
+    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+
+
+def mlflow_logger_for(
+    run_dir: str | Path,
+    experiment_name: str = "unimoe",
+    run_name: str | None = None,
+    resume: bool = False,
+    tracking_uri: str | None = None,
+) -> MLFlowLogger:
+    """An MLFlowLogger writing into ``run_dir``; with ``resume`` it reopens the last run."""
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_id = None
+    id_file = run_dir / RUN_ID_FILE
+    if resume and id_file.exists():
+        run_id = id_file.read_text().strip() or None
+    logger = MLFlowLogger(
+        experiment_name=experiment_name,
+        run_name=run_name or run_dir.name,
+        tracking_uri=tracking_uri or tracking_uri_for(run_dir),
+        artifact_location=(run_dir / "mlartifacts").as_uri(),
+        run_id=run_id,
+    )
+    return logger
+
+
+@rank_zero_only
+def remember_run_id(logger: MLFlowLogger, run_dir: str | Path) -> None:
+    (Path(run_dir) / RUN_ID_FILE).write_text(logger.run_id)
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Save the fully resolved config into the run directory and as an MLflow artifact.
+
+    Lightning's own callback writes to ``trainer.log_dir``, which is None for MLflow's
+    sqlite store. An existing ``config.yaml`` (a resumed run) is kept as
+    ``config.<timestamp>.yaml`` rather than overwritten, so no history is lost.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["save_to_log_dir"] = False
+        super().__init__(*args, **kwargs)
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        run_dir = Path(trainer.default_root_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / self.config_filename
+        if path.exists():
+            shutil.move(str(path), str(path.with_name(f"{path.stem}.{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")))
+        self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=False)
+        for logger in trainer.loggers:
+            if isinstance(logger, MLFlowLogger):
+                remember_run_id(logger, run_dir)
+                logger.experiment.log_artifact(logger.run_id, str(path))
