@@ -232,14 +232,19 @@ def _relative(value: str | None, base: Path) -> str | None:
     p = Path(value)
     if not p.is_absolute():
         return value
+    resolved = p.resolve()
     try:
-        return str(p.resolve().relative_to(base))
+        return str(resolved.relative_to(base))
+    except ValueError:
+        pass
+    try:  # a sibling folder (corpus/manifests/x.jsonl -> corpus/audio/...) stays portable too
+        return str(Path("..") / resolved.relative_to(base.parent))
     except ValueError:
         return str(p)
 
 
 def write_manifest(path: str | Path, entries: Iterable[ManifestEntry]) -> Path:
-    """Write entries as JSONL atomically; paths under the manifest's folder become relative."""
+    """Write entries as JSONL atomically; paths under the manifest's folder (or its parent) become relative."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     base = path.parent.resolve()
