@@ -1,0 +1,87 @@
+"""Dropless, padding-free execution of the routed experts.
+
+Given which experts each token uses (a boolean map, Megatron-style, which handles a
+variable number of experts per token) and the combine weights:
+
+1. keep only the columns of experts that take tokens (null experts cost nothing);
+2. list the (token, expert) pairs in expert-major order -- ``selected.T.nonzero()`` is
+   already sorted by expert, so no argsort is needed -- and count rows per expert;
+3. gather the token rows (``index_select``), hand each expert group its contiguous slice
+   of rows with its per-expert counts (grouped GEMMs inside), multiply by the pair's
+   weight, and scatter-add back to token order.
+
+Exactly one row per routed (token, real expert) pair exists: nothing is padded, dropped
+or left uninitialised. The pair count is data dependent, so this costs one host sync
+(two with several token-taking groups).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from unimoe.moe.experts import ExpertGroup
+
+
+@dataclass(frozen=True)
+class GroupSlot:
+    """An expert group and its column range ``[start, end)`` among the dynamic experts."""
+
+    group: ExpertGroup
+    start: int
+    end: int
+
+
+def group_slots(groups: Sequence[ExpertGroup]) -> list[GroupSlot]:
+    """Assign contiguous dynamic-expert index ranges to the groups, in order."""
+    slots, start = [], 0
+    for g in groups:
+        slots.append(GroupSlot(g, start, start + g.num_experts))
+        start += g.num_experts
+    return slots
+
+
+def dispatch(x: Tensor, selected: Tensor, weights: Tensor, slots: Sequence[GroupSlot]) -> Tensor:
+    """Sum over each token's selected experts of weight * expert(x).
+
+    x:        [T, D]
+    selected: [T, E] bool over all dynamic experts
+    weights:  [T, E] combine weights (fp32), zero where not selected
+    slots:    the groups covering [0, E) (see :func:`group_slots`)
+    returns   [T, D] in x's dtype (accumulated in fp32 for low-precision inputs)
+    """
+    compute = [s for s in slots if s.group.takes_tokens]
+    t, d = x.shape
+    if not compute:  # every dynamic expert is null: routed output is zero
+        return x.new_zeros(t, d)
+    columns = _columns(compute, selected.device)  # [E_c]
+    sel = selected.index_select(1, columns)  # [T, E_c]
+    w = weights.index_select(1, columns)  # [T, E_c]
+
+    expert_idx, token_idx = sel.t().nonzero(as_tuple=True)  # [N] each, sorted by expert (host sync)
+    counts = sel.sum(dim=0)  # [E_c] rows per expert
+    rows = x.index_select(0, token_idx)  # [N, D], expert-major
+
+    if len(compute) == 1:
+        out_rows = compute[0].group(rows, counts)  # [N, D]
+    else:
+        sizes = [s.end - s.start for s in compute]
+        rows_per_group = torch.stack([c.sum() for c in counts.split(sizes)]).tolist()  # host sync
+        out_rows = torch.cat(
+            [
+                s.group(r, c)
+                for s, r, c in zip(compute, rows.split(rows_per_group), counts.split(sizes))
+            ]
+        )
+    pair_w = w[token_idx, expert_idx]  # [N] fp32, carries the gradient to the router
+    acc_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    weighted = out_rows.to(acc_dtype) * pair_w.to(acc_dtype).unsqueeze(-1)  # [N, D]
+    out = torch.zeros(t, d, dtype=acc_dtype, device=x.device).index_add_(0, token_idx, weighted)
+    return out.to(x.dtype)
+
+
+def _columns(compute: Sequence[GroupSlot], device: torch.device) -> Tensor:
+    return torch.cat([torch.arange(s.start, s.end, device=device) for s in compute])
