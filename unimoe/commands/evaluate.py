@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<out>/mlflow.db)")
     p.add_argument("--experiment", default="unimoe-eval", help="MLflow experiment name")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    p.add_argument("--split", help="use only manifest lines of this split (e.g. test; lines without one are train)")
     p.add_argument("--limit", type=int, help="score only the first N items")
     p.add_argument("--skip-unavailable", action="store_true",
                    help="report metrics whose backend cannot load (missing package/weights) instead of failing")
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         report = run_suite(
             suite, manifest=args.manifest, wavs=args.wavs, generator=generator, out_dir=args.out,
             reference_set=args.reference_set, audio_root=args.audio_root, tracking_uri=args.tracking_uri,
-            experiment=args.experiment, mlflow=not args.no_mlflow, limit=args.limit,
+            experiment=args.experiment, mlflow=not args.no_mlflow, limit=args.limit, split=args.split,
             log=lambda msg: print(msg, file=sys.stderr),
         )
     except EvaluationError as exc:

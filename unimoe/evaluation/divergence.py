@@ -3,11 +3,14 @@
 For each generated clip and its paired reference clip a classifier (PaSST, PANNs...) gives
 logits; both are turned into distributions with a softmax and we compute
 
-``KL(p_ref || p_gen) = sum_c p_ref[c] * (log p_ref[c] - log(p_gen[c] + eps))``
+``KL(p_ref || p_gen) = sum_c p_ref[c] * (log p_ref[c] - log p_gen'[c])``
 
 i.e. the reference is the target distribution and the generated clip the approximation,
 the direction of ``torch.nn.functional.kl_div(log(p_gen + eps), p_ref)`` used by
-audioldm_eval and audiocraft (eps = 1e-6). The reported value is the mean over pairs.
+audioldm_eval and audiocraft (eps = 1e-6). Here ``p_gen' = (p_gen + eps) / sum(p_gen + eps)``
+is renormalised after smoothing, which keeps the value a true divergence (>= 0, exactly 0
+for identical clips); it differs from the unnormalised form by at most log(1 + C eps)
+(5e-4 for 527 classes). The reported value is the mean over pairs.
 ``activation="sigmoid"`` gives the multi-label variant (independent Bernoulli per class,
 summed), which AudioLDM reports as ``KL_sigmoid``.
 """
@@ -36,9 +39,12 @@ def kl_divergence(p_ref: np.ndarray, p_gen: np.ndarray, eps: float = EPS) -> np.
         raise EvaluationError(f"distribution shapes differ: {p.shape} vs {q.shape}")
     if (p < 0).any() or (q < 0).any():
         raise EvaluationError("probabilities must be non-negative")
+    # Smooth q so log q is finite, then renormalise: q stays a distribution, so by Gibbs'
+    # inequality the result is >= 0 (without renormalising, identical inputs give -1e-5).
+    q = (q + eps) / (q + eps).sum(axis=-1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(p > 0, p * (np.log(np.where(p > 0, p, 1.0)) - np.log(q + eps)), 0.0)
-    return terms.sum(axis=-1)
+        terms = np.where(p > 0, p * (np.log(np.where(p > 0, p, 1.0)) - np.log(q)), 0.0)
+    return np.maximum(terms.sum(axis=-1), 0.0)
 
 
 def paired_kl(ref_logits: np.ndarray, gen_logits: np.ndarray, activation: str = "softmax") -> np.ndarray:
@@ -49,7 +55,7 @@ def paired_kl(ref_logits: np.ndarray, gen_logits: np.ndarray, activation: str = 
     if activation == "sigmoid":
         pr, pg = 1.0 / (1.0 + np.exp(-np.asarray(ref, np.float64))), 1.0 / (1.0 + np.exp(-np.asarray(gen, np.float64)))
         # Each class is a Bernoulli: KL = sum_c KL(Bern(pr_c) || Bern(pg_c)).
-        pos = kl_divergence(pr[..., None], pg[..., None], eps)
-        neg = kl_divergence(1.0 - pr[..., None], 1.0 - pg[..., None], eps)
-        return (pos + neg).sum(axis=-1)
+        bern_ref = np.stack([pr, 1.0 - pr], axis=-1)  # [N, C, 2]
+        bern_gen = np.stack([pg, 1.0 - pg], axis=-1)
+        return kl_divergence(bern_ref, bern_gen).sum(axis=-1)
     raise EvaluationError(f"unknown KL activation {activation!r}; use 'softmax' or 'sigmoid'")

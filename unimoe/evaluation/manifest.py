@@ -9,8 +9,11 @@ Two inputs are accepted, both JSONL (one JSON object per line):
   of generated WAVs named ``<id>.wav``. Here ``audio`` is the ground truth and becomes
   ``reference_audio``, so a corpus test split is a reference set as it stands.
 
-Relative paths resolve against the manifest's folder (or ``audio_root``). Fields this
-package does not use (``video``, ``duration``, ``split``...) are kept in ``extra``.
+Relative paths resolve against the manifest's folder (or ``audio_root``), as in the
+training manifest. ``language`` (or the training manifest's ``lang``) picks the text
+normaliser and ASR language. ``split=`` keeps only lines of that split (the training
+manifest's default split is ``train``). Other fields (``video``, ``duration``, ``meta``...)
+are kept in ``extra``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from .errors import ManifestError
 SPEECH_TASKS = frozenset({"tts", "speech", "asr_tts", "vc"})
 MUSIC_TASKS = frozenset({"t2m", "v2m", "music"})
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
-_KNOWN = {"id", "audio", "task", "text", "caption", "prompt_audio", "reference_audio", "speaker", "language"}
+_KNOWN = {"id", "audio", "task", "text", "caption", "prompt_audio", "reference_audio", "speaker", "language", "lang"}
 
 
 @dataclass
@@ -130,7 +133,7 @@ def _item(row: dict[str, Any], root: Path, where: str, generated: Path | None, r
         prompt_audio=_path(row.get("prompt_audio"), root, where, "prompt_audio"),
         reference_audio=reference,
         speaker=None if row.get("speaker") is None else str(row["speaker"]),
-        language=_text(row.get("language"), where, "language"),
+        language=_text(row.get("language", row.get("lang")), where, "language"),
         extra={k: v for k, v in row.items() if k not in _KNOWN},
     )
 
@@ -143,12 +146,23 @@ def _check_unique(items: Iterable[EvalItem], path: Path) -> None:
         seen.add(item.id)
 
 
-def read_eval_manifest(path: str | Path, audio_root: str | Path | None = None) -> list[EvalItem]:
+def _rows(path: Path, split: str | None) -> list[tuple[int, dict[str, Any]]]:
+    rows = list(enumerate(read_jsonl(path), 1))
+    if split is None:
+        return rows
+    kept = [(i, r) for i, r in rows if r.get("split", "train") == split]
+    if not kept:
+        found = sorted({str(r.get("split", "train")) for _, r in rows})
+        raise ManifestError(f"manifest {path} has no line with split {split!r} (splits present: {', '.join(found)})")
+    return kept
+
+
+def read_eval_manifest(path: str | Path, audio_root: str | Path | None = None, split: str | None = None) -> list[EvalItem]:
     """Read an evaluation manifest whose ``audio`` field is the generated clip."""
     path = Path(path)
     root = Path(audio_root) if audio_root is not None else path.parent
     items = []
-    for i, row in enumerate(read_jsonl(path), 1):
+    for i, row in _rows(path, split):
         where = f"{path}:{i}"
         generated = _path(row.get("audio"), root, where, "audio")
         if generated is None:
@@ -169,7 +183,8 @@ def find_generated(wav_dir: Path, item_id: str) -> Path | None:
 
 
 def pair_with_references(
-    wav_dir: str | Path, reference_manifest: str | Path, audio_root: str | Path | None = None
+    wav_dir: str | Path, reference_manifest: str | Path, audio_root: str | Path | None = None,
+    split: str | None = None,
 ) -> ManifestPairing:
     """Pair ``<wav_dir>/<id>.wav`` with each line of a training-format reference manifest.
 
@@ -184,7 +199,7 @@ def pair_with_references(
     items: list[EvalItem] = []
     skipped: list[dict[str, str]] = []
     all_ids: list[str] = []
-    for i, row in enumerate(read_jsonl(reference_manifest), 1):
+    for i, row in _rows(reference_manifest, split):
         where = f"{reference_manifest}:{i}"
         reference = _path(row.get("audio"), root, where, "audio")
         item = _item(row, root, where, None, reference)
@@ -227,7 +242,8 @@ def read_reference_set(path: str | Path) -> list[Path]:
 
 
 def pair_with_generated_manifest(
-    generated_manifest: str | Path, reference_manifest: str | Path, audio_root: str | Path | None = None
+    generated_manifest: str | Path, reference_manifest: str | Path, audio_root: str | Path | None = None,
+    split: str | None = None,
 ) -> ManifestPairing:
     """Pair a generator's output manifest (lines with ``id`` and ``audio``) with the request /
     reference manifest it was generated from, by ``id`` (checkpoint mode)."""
@@ -241,7 +257,7 @@ def pair_with_generated_manifest(
     reference_manifest = Path(reference_manifest)
     root = Path(audio_root) if audio_root is not None else reference_manifest.parent
     items, skipped, seen = [], [], set()
-    for i, row in enumerate(read_jsonl(reference_manifest), 1):
+    for i, row in _rows(reference_manifest, split):
         where = f"{reference_manifest}:{i}"
         item = _item(row, root, where, None, _path(row.get("audio"), root, where, "audio"))
         if item.id in seen:

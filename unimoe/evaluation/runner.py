@@ -26,6 +26,7 @@ from .manifest import (
     pair_with_generated_manifest,
     pair_with_references,
     read_eval_manifest,
+    read_jsonl,
     read_reference_set,
 )
 from .report import EvaluationReport, write_report
@@ -139,8 +140,19 @@ def evaluate_items(
     return results
 
 
+def _absolute_paths(row: dict[str, Any], base: Path) -> dict[str, Any]:
+    """A copy of a manifest line whose path fields no longer depend on the file's location."""
+    out = dict(row)
+    for key in ("audio", "prompt_audio", "video", "reference_audio"):
+        value = out.get(key)
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            out[key] = str(base / value)
+    return out
+
+
 def _pairing(
-    manifest: Path | None, wavs: Path | None, generator: Generator | None, out_dir: Path, audio_root: Path | None
+    manifest: Path | None, wavs: Path | None, generator: Generator | None, out_dir: Path, audio_root: Path | None,
+    split: str | None,
 ) -> ManifestPairing:
     if manifest is None:
         raise EvaluationError("a manifest is required (--manifest)")
@@ -149,11 +161,17 @@ def _pairing(
             raise EvaluationError("give either a generator/checkpoint or a folder of WAVs, not both")
         gen_dir = out_dir / "generated"
         gen_dir.mkdir(parents=True, exist_ok=True)
-        produced = generator(Path(manifest), gen_dir)
-        return pair_with_generated_manifest(produced, manifest, audio_root)
+        requests = Path(manifest)
+        if split is not None:  # the generator sees only the requested split
+            requests = gen_dir / "requests.jsonl"
+            base = Path(audio_root) if audio_root else Path(manifest).parent
+            rows = [_absolute_paths(r, base) for r in read_jsonl(manifest) if r.get("split", "train") == split]
+            requests.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        produced = generator(requests, gen_dir)
+        return pair_with_generated_manifest(produced, manifest, audio_root, split)
     if wavs is not None:
-        return pair_with_references(wavs, manifest, audio_root)
-    return ManifestPairing(items=read_eval_manifest(manifest, audio_root))
+        return pair_with_references(wavs, manifest, audio_root, split)
+    return ManifestPairing(items=read_eval_manifest(manifest, audio_root, split))
 
 
 def run_suite(
@@ -169,6 +187,7 @@ def run_suite(
     experiment: str = "unimoe-eval",
     mlflow: bool = True,
     limit: int | None = None,
+    split: str | None = None,
     backends: dict[str, MetricBackend] | None = None,
     log: Callable[[str], None] = print,
 ) -> EvaluationReport:
@@ -179,7 +198,7 @@ def run_suite(
     out = Path(out_dir) if out_dir is not None else Path("runs") / "eval" / f"{suite.name}-{created:%Y%m%d-%H%M%S}"
     out.mkdir(parents=True, exist_ok=True)
     pairing = _pairing(Path(manifest) if manifest else None, Path(wavs) if wavs else None, generator, out,
-                       Path(audio_root) if audio_root else None)
+                       Path(audio_root) if audio_root else None, split)
     items = pairing.items[:limit] if limit else pairing.items
     ref_source = Path(reference_set) if reference_set else suite.reference_set
     ref_clips = read_reference_set(ref_source) if ref_source else None
@@ -189,7 +208,7 @@ def run_suite(
         description=suite.description,
         created=created.isoformat(timespec="seconds"),
         inputs={"suite_file": str(suite.source) if suite.source else None, "manifest": str(manifest),
-                "wavs": str(wavs) if wavs else None, "generator": type(generator).__name__ if generator else None,
+                "wavs": str(wavs) if wavs else None, "split": split, "generator": type(generator).__name__ if generator else None,
                 "reference_set": str(ref_source) if ref_source else None},
         n_items=len(items),
         metrics=results,

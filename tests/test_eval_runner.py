@@ -1,0 +1,276 @@
+"""Runner, manifests, suites and bad input, through the shared scoring path.
+
+Backends here are the cheap offline ``mel_stats`` and a registered tiny ASR that looks
+transcripts up by file name - the same ``ASRBackend`` interface a real model implements.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from test_eval_helpers import tone_mix, write_jsonl
+from unimoe.evaluation import ManifestError, run_suite
+from unimoe.evaluation.backends.base import ASRBackend
+from unimoe.evaluation.errors import BackendUnavailableError, EvaluationError
+from unimoe.evaluation.manifest import pair_with_references, read_eval_manifest
+from unimoe.evaluation.runner import load_checkpoint_generator
+from unimoe.evaluation.suite import load_suite, parse_suite
+from unimoe.registry import METRICS
+
+TRANSCRIPTS = {"a": "the cat sit on mat", "b": "hello world", "c": "one two three"}
+
+
+class LookupASR(ASRBackend):
+    """A tiny registered 'model' with the ASRBackend interface: it returns queued
+    transcripts in call order, so the WER the runner reports can be checked by hand."""
+
+    sample_rate = 16000
+
+    def __init__(self, outputs: list[str] | None = None) -> None:
+        self.outputs = list(outputs or [])
+        self.calls = 0
+
+    def describe(self) -> str:
+        return "lookup ASR (test)"
+
+    def transcribe(self, wav: np.ndarray, language: str | None = None) -> str:
+        self.calls += 1
+        return self.outputs.pop(0)
+
+
+if "test_lookup_asr" not in METRICS._factories:  # noqa: SLF001  (module may be imported twice)
+    METRICS.register("test_lookup_asr", LookupASR)
+
+
+def _suite(metrics: list[dict], **extra) -> "Suite":  # noqa: F821
+    return parse_suite({"name": "t", "metrics": metrics, **extra})
+
+
+@pytest.fixture()
+def music_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "m"
+    for i, chord in enumerate([[220, 277], [247, 311], [262, 330], [196, 247]]):
+        tone_mix(d / f"gen{i}.wav", chord, seed=i)
+        tone_mix(d / f"ref{i}.wav", [f * 1.5 for f in chord], seed=10 + i)
+    return d
+
+
+def test_wer_through_runner_matches_hand_count(tmp_path, music_dir):
+    rows = [
+        {"id": "a", "task": "tts", "audio": str(music_dir / "gen0.wav"), "text": "The cat sat on the mat."},
+        {"id": "b", "task": "tts", "audio": str(music_dir / "gen1.wav"), "text": "Hello, world!"},
+    ]
+    manifest = write_jsonl(tmp_path / "eval.jsonl", rows)
+    asr = LookupASR([TRANSCRIPTS["a"], TRANSCRIPTS["b"]])
+    report = run_suite(_suite([{"metric": "wer", "backend": "test_lookup_asr"}]), manifest=manifest,
+                       out_dir=tmp_path / "out", mlflow=False, backends={"wer": asr}, log=lambda m: None)
+    (wer,) = report.metrics
+    assert wer.value == pytest.approx((2 + 0) / (6 + 2))  # 2 edits in 6 words + 0 in 2 words
+    assert wer.per_item["a"]["hypothesis"] == "the cat sit on mat"
+    assert wer.details["mean_utterance_rate"] == pytest.approx((2 / 6 + 0) / 2)
+
+
+def test_bad_inputs_become_skip_reports_never_nan(tmp_path, music_dir):
+    sr = 16000
+    sf.write(tmp_path / "silent.wav", np.zeros(sr, np.float32), sr)
+    sf.write(tmp_path / "short.wav", 0.3 * np.ones(int(0.05 * sr), np.float32), sr)
+    bad = np.full(sr, 0.1, np.float32)
+    bad[100] = np.nan
+    sf.write(tmp_path / "nan.wav", bad, sr, subtype="FLOAT")
+    (tmp_path / "corrupt.wav").write_bytes(b"RIFF not really a wav")
+    rows = [
+        {"id": "ok", "task": "tts", "audio": str(music_dir / "gen0.wav"), "text": "hello world"},
+        {"id": "missing", "task": "tts", "audio": "nope/missing.wav", "text": "hello world"},
+        {"id": "silent", "task": "tts", "audio": "silent.wav", "text": "hello world"},
+        {"id": "short", "task": "tts", "audio": "short.wav", "text": "hello world"},
+        {"id": "nan", "task": "tts", "audio": "nan.wav", "text": "hello world"},
+        {"id": "corrupt", "task": "tts", "audio": "corrupt.wav", "text": "hello world"},
+        {"id": "notext", "task": "tts", "audio": str(music_dir / "gen1.wav"), "text": "?!"},
+    ]
+    manifest = write_jsonl(tmp_path / "eval.jsonl", rows)
+    suite = _suite([{"metric": "wer", "backend": "test_lookup_asr"},
+                    {"metric": "fad", "backend": "mel_stats"}])
+    report = run_suite(suite, manifest=manifest, out_dir=tmp_path / "out", mlflow=False,
+                       backends={"wer": LookupASR(["hello world"])}, log=lambda m: None)
+    wer, fad = report.metrics
+    reasons = {s["id"]: s["reason"] for s in wer.skipped}
+    assert "not found" in reasons["missing"]
+    assert "silent" in reasons["silent"]
+    assert "too short" in reasons["short"]
+    assert "NaN" in reasons["nan"]
+    assert "cannot read" in reasons["corrupt"]
+    assert "empty after normalisation" in reasons["notext"]
+    assert wer.value == 0.0 and wer.n_scored == 1
+    # FAD applies to music only: no music items here -> a reason instead of a number
+    assert fad.value is None and fad.error
+    text = (tmp_path / "out" / "results.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-finite constant {c} in results.json"))
+    md = (tmp_path / "out" / "results.md").read_text()
+    values = [line.split("|")[2].strip() for line in md.splitlines() if line.startswith(("| WER", "| FAD"))]
+    assert values == ["0.0000", "n/a"]  # a number or n/a, never NaN
+    assert "## Skipped items" in md and "| silent | wer |" in md
+
+
+def test_fad_and_kl_sets_with_mel_stats(tmp_path, music_dir):
+    rows = [{"id": f"g{i}", "task": "t2m", "audio": str(music_dir / f"gen{i}.wav"), "text": "a chord",
+             "reference_audio": str(music_dir / f"ref{i}.wav")} for i in range(4)]
+    manifest = write_jsonl(tmp_path / "eval.jsonl", rows)
+    suite = _suite([{"metric": "fad", "backend": "mel_stats"}, {"metric": "kl", "backend": "mel_stats"},
+                    {"metric": "fad", "key": "fad_self", "backend": "mel_stats"}])
+    report = run_suite(suite, manifest=manifest, out_dir=tmp_path / "o1", mlflow=False, log=lambda m: None)
+    fad, kl, _ = report.metrics
+    assert fad.value > 0 and kl.value > 0
+    assert fad.details["generated_clips"] == 4 and fad.details["embedding_dim"] == 128
+    assert any("rank-deficient" in w for w in fad.warnings)  # 12 frame rows < 128 dims
+    # the same clips as both sets: FAD 0 and KL 0 (paired with themselves)
+    same = [dict(r, reference_audio=r["audio"]) for r in rows]
+    report2 = run_suite(suite, manifest=write_jsonl(tmp_path / "same.jsonl", same), out_dir=tmp_path / "o2",
+                        mlflow=False, log=lambda m: None)
+    assert report2.metrics[0].value == pytest.approx(0.0, abs=1e-6)
+    assert report2.metrics[1].value == pytest.approx(0.0, abs=1e-4)  # eps smoothing (1e-6 per class)
+    # an explicit reference set overrides the manifest's
+    report3 = run_suite(suite, manifest=manifest, reference_set=music_dir, out_dir=tmp_path / "o3", mlflow=False,
+                        log=lambda m: None)
+    assert report3.metrics[0].details["reference_clips"] == 8
+
+
+def test_fad_with_one_clip_reports_why(tmp_path, music_dir):
+    rows = [{"id": "g", "task": "t2m", "audio": str(music_dir / "gen0.wav"), "reference_audio": str(music_dir / "ref0.wav")}]
+    report = run_suite(_suite([{"metric": "fad", "backend": "mel_stats"}]), manifest=write_jsonl(tmp_path / "e.jsonl", rows),
+                       out_dir=tmp_path / "o", mlflow=False, log=lambda m: None)
+    assert report.metrics[0].value is None and "at least 2" in report.metrics[0].error
+
+
+def test_reference_manifest_pairing_and_mismatches(tmp_path, music_dir):
+    wavs = tmp_path / "wavs"
+    wavs.mkdir()
+    shutil.copy(music_dir / "gen0.wav", wavs / "u1.wav")
+    shutil.copy(music_dir / "gen1.wav", wavs / "stray.wav")
+    refs = write_jsonl(tmp_path / "refs" / "test.jsonl", [
+        {"id": "u1", "task": "tts", "audio": "../m/ref0.wav", "text": "hi", "speaker": "spk", "lang": "en",
+         "prompt_audio": "p.wav", "split": "test", "duration": 2.0},
+        {"id": "u2", "task": "tts", "audio": "x.wav", "text": "there", "split": "test"},
+        {"id": "u3", "task": "tts", "audio": "y.wav", "text": "train only", "split": "train"},
+    ])
+    pairing = pair_with_references(wavs, refs, split="test")
+    (item,) = pairing.items
+    assert item.audio == wavs / "u1.wav"
+    assert item.reference_audio == refs.parent / "../m/ref0.wav"  # training manifest: relative to its folder
+    assert item.prompt_audio == refs.parent / "p.wav" and item.speaker_reference == item.prompt_audio
+    assert item.language == "en" and item.extra["duration"] == 2.0
+    assert pairing.skipped == [{"id": "u2", "metric": "*", "reason": f"no generated audio {wavs}/u2.wav"}]
+    assert pairing.unreferenced == ["stray.wav"]  # u3 is outside the split, stray is unknown
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(music_dir / "gen0.wav", other / "zzz.wav")
+    with pytest.raises(ManifestError, match="no generated clip .* matches"):
+        pair_with_references(other, refs)
+    with pytest.raises(ManifestError, match="no line with split 'val'"):
+        pair_with_references(wavs, refs, split="val")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"id": "a", "audio": "x.wav"}\n{"id": "a", "audio": "y.wav"}\n', "duplicate id 'a'"),
+        ('{"id": "a", "audio": "x.wav"}\nnot json\n', r":2: not valid JSON"),
+        ('{"id": "a"}\n', "missing field 'audio'"),
+        ('{"audio": "x.wav"}\n', "missing required field 'id'"),
+        ("\n\n", "has no entries"),
+        ('["a"]\n', "must be a JSON object"),
+    ],
+)
+def test_malformed_eval_manifests_raise_clear_errors(tmp_path, content, message):
+    path = tmp_path / "m.jsonl"
+    path.write_text(content)
+    with pytest.raises(ManifestError, match=message):
+        read_eval_manifest(path)
+
+
+def test_missing_manifest_and_folder(tmp_path):
+    with pytest.raises(ManifestError, match="manifest not found"):
+        read_eval_manifest(tmp_path / "none.jsonl")
+    with pytest.raises(ManifestError, match="folder not found"):
+        pair_with_references(tmp_path / "nowhere", tmp_path / "none.jsonl")
+
+
+def test_suite_validation_errors(tmp_path):
+    with pytest.raises(EvaluationError, match="unknown key"):
+        parse_suite({"name": "x", "metrics": [{"metric": "wer", "backend": "pocketsphinx"}], "metricz": []})
+    with pytest.raises(EvaluationError, match="duplicate metric key"):
+        parse_suite({"name": "x", "metrics": [{"metric": "fad", "backend": "mel_stats"}] * 2})
+    with pytest.raises(EvaluationError, match="needs 'metric'"):
+        parse_suite({"name": "x", "metrics": [{"metric": "fad"}]})
+    with pytest.raises(EvaluationError, match="suite file not found"):
+        load_suite(tmp_path / "nope.yaml")
+    for name in ("speech", "music", "demo"):  # the shipped suites parse and name real components
+        suite = load_suite(name)
+        assert suite.name == name and suite.metrics
+
+
+def test_wrong_backend_kind_and_unknown_backend(tmp_path, music_dir):
+    manifest = write_jsonl(tmp_path / "e.jsonl", [{"id": "a", "audio": str(music_dir / "gen0.wav"), "text": "x"}])
+    with pytest.raises(EvaluationError, match="needs a ASRBackend"):
+        run_suite(_suite([{"metric": "wer", "backend": "mel_stats"}]), manifest=manifest, out_dir=tmp_path / "o",
+                  mlflow=False, log=lambda m: None)
+    with pytest.raises(Exception, match="unknown metric backend 'whisperr'"):
+        run_suite(_suite([{"metric": "wer", "backend": "whisperr"}]), manifest=manifest, out_dir=tmp_path / "o",
+                  mlflow=False, log=lambda m: None)
+
+
+@pytest.mark.skipif("transformers" in sys.modules or __import__("importlib").util.find_spec("transformers") is not None,
+                    reason="transformers is installed here")
+def test_unavailable_backend_error_or_skip(tmp_path, music_dir):
+    manifest = write_jsonl(tmp_path / "e.jsonl", [{"id": "a", "task": "tts", "audio": str(music_dir / "gen0.wav"),
+                                                   "reference_audio": str(music_dir / "gen1.wav")}])
+    spec = [{"metric": "sim", "backend": "wavlm_sv"}, {"metric": "fad", "backend": "mel_stats"}]
+    with pytest.raises(BackendUnavailableError, match="pip install transformers"):
+        run_suite(_suite(spec), manifest=manifest, out_dir=tmp_path / "o", mlflow=False, log=lambda m: None)
+    report = run_suite(_suite(spec, on_unavailable="skip"), manifest=manifest, out_dir=tmp_path / "o2", mlflow=False,
+                       log=lambda m: None)
+    sim = report.metrics[0]
+    assert sim.value is None and "backend unavailable" in sim.error and "transformers" in sim.error
+
+
+class CopyGenerator:
+    """A Generator that 'generates' by copying a fixed clip: exercises checkpoint mode."""
+
+    def __init__(self, clip: Path, serve: set[str]) -> None:
+        self.clip, self.serve = clip, serve
+        self.seen: list[str] = []
+
+    def __call__(self, requests: Path, out_dir: Path) -> Path:
+        rows = [json.loads(line) for line in requests.read_text().splitlines() if line.strip()]
+        self.seen = [r["id"] for r in rows]
+        out = []
+        for r in rows:
+            if r["id"] in self.serve:
+                shutil.copy(self.clip, out_dir / f"{r['id']}.wav")
+                out.append({"id": r["id"], "audio": f"{r['id']}.wav"})
+        return write_jsonl(out_dir / "generated.jsonl", out)
+
+
+def test_checkpoint_mode_through_a_generator(tmp_path, music_dir):
+    requests = write_jsonl(tmp_path / "req" / "all.jsonl", [
+        {"id": f"r{i}", "task": "t2m", "audio": f"../m/ref{i}.wav", "text": "a chord", "split": "test"} for i in range(3)
+    ] + [{"id": "train0", "task": "t2m", "audio": "../m/ref3.wav", "text": "x", "split": "train"}])
+    gen = CopyGenerator(music_dir / "ref0.wav", serve={"r0", "r1"})  # r0 reproduces its reference exactly
+    report = run_suite(_suite([{"metric": "kl", "backend": "mel_stats"}]), manifest=requests, generator=gen,
+                       split="test", out_dir=tmp_path / "out", mlflow=False, log=lambda m: None)
+    assert gen.seen == ["r0", "r1", "r2"]  # only the requested split reached the generator
+    assert report.n_items == 2 and report.skipped_before_scoring[0]["id"] == "r2"
+    kl = report.metrics[0].per_item
+    assert kl["r0"]["kl"] == pytest.approx(0.0, abs=1e-4) and kl["r1"]["kl"] > 1e-2
+
+
+def test_checkpoint_mode_without_generation_subsystem_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "unimoe.generation", None)  # makes the import fail
+    with pytest.raises(EvaluationError, match="needs the generation subsystem"):
+        load_checkpoint_generator("model.ckpt")
