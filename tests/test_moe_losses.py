@@ -1,0 +1,152 @@
+"""Aux losses against closed forms; micro-batch accumulation == one big batch; schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from unimoe.moe import (
+    AuxLossSchedule,
+    MoEConfig,
+    Router,
+    build_moe_layer,
+    load_balance_loss,
+    mean_over_layers,
+    merge_micro_batches,
+    summarize,
+)
+from unimoe.moe.layer import MoELayer
+from unimoe.moe.experts import NullExperts, SwiGLUExperts
+
+
+class FixedRouter(Router):
+    """Routes by a hand-written table (test only): token t uses experts ROUTES[t]."""
+
+    def __init__(self, routes: list[list[int]], **kw):
+        super().__init__(**kw)
+        self.routes = routes
+
+    def select(self, logits, probs):
+        sel = torch.zeros_like(probs, dtype=torch.bool)
+        for t, experts in enumerate(self.routes):
+            sel[t, experts] = True
+        kept = probs * sel
+        return sel, kept / kept.sum(-1, keepdim=True)
+
+
+def test_load_balance_matches_closed_form_on_hand_made_routing():
+    torch.manual_seed(0)
+    routes = [[0], [0, 1], [0, 3], [3], [2, 0, 1]]  # expert 3 is the null expert
+    mask = [True, True, True, True, False]  # the last token is padding
+    router = FixedRouter(routes, hidden_size=8, num_experts=4, jitter=0.0)
+    layer = MoELayer(router=router, experts=[SwiGLUExperts(8, 8, 3), NullExperts(1)])
+    x = torch.randn(1, 5, 8)
+    _, info = layer(x, torch.tensor([mask]))
+    probs = (x[0] @ router.gate.weight.T).softmax(-1).detach()
+    # by hand: pairs of real tokens: e0 x3, e1 x1, e3 x2 -> 6 pairs; P_e = mean prob over 4 real tokens
+    f = [3 / 6, 1 / 6, 0.0, 2 / 6]
+    p_mean = probs[:4].mean(0).tolist()
+    expected = 4 * sum(fi * pi for fi, pi in zip(f, p_mean))
+    assert math.isclose(float(info.load_balance.detach()), expected, rel_tol=1e-6)
+    assert info.tokens_per_expert.tolist() == [3, 1, 0, 2]
+    assert info.active_real_hist.tolist() == [1, 2, 1, 0]  # token 3 used only the null expert
+    # balanced routing with uniform probabilities gives exactly 1
+    assert math.isclose(float(load_balance_loss(torch.tensor([5, 5, 5, 5]), torch.full((4,), 2.5), torch.tensor(10))), 1.0)
+    # all mass on one expert with all its tokens gives E
+    assert math.isclose(float(load_balance_loss(torch.tensor([7, 0, 0]), torch.tensor([7.0, 0, 0]), torch.tensor(7))), 3.0)
+
+
+def test_z_loss_and_entropy_closed_form():
+    torch.manual_seed(1)
+    layer = build_moe_layer(8, MoEConfig(num_routed_experts=3, routed_intermediate_size=8, num_null_experts=1,
+                                         num_shared_experts=2, shared_intermediate_size=8,
+                                         router={"name": "top_p", "jitter": 0.0}))
+    x = torch.randn(1, 4, 8)
+    _, info = layer(x)
+    logits = (x[0] @ layer.router.gate.weight.T).double()  # [4, 4 dynamic + 2 shared]
+    z = [math.log(sum(math.exp(v) for v in row)) ** 2 for row in logits.tolist()]
+    ent = []
+    for row in logits[:, :4].tolist():
+        ps = [math.exp(v) / sum(math.exp(u) for u in row) for v in row]
+        ent.append(-sum(p * math.log(p) for p in ps))
+    assert math.isclose(float(info.z_loss.detach()), sum(z) / 4, rel_tol=1e-5)
+    assert math.isclose(float(info.entropy.detach()), sum(ent) / 4, rel_tol=1e-5)
+    assert math.isclose(float(info.router_entropy), sum(ent) / 4, rel_tol=1e-5)
+
+
+def test_two_micro_batches_merge_into_the_big_batch():
+    """Documented recipe: merge_micro_batches([info_a, info_b]) == info of cat(a, b)."""
+    torch.manual_seed(2)
+    cfg = MoEConfig(num_routed_experts=4, routed_intermediate_size=8, num_null_experts=1, num_shared_experts=1,
+                    shared_intermediate_size=8, router={"name": "top_p", "top_p": 0.6, "jitter": 0.0})
+    layer = build_moe_layer(8, cfg)
+    with torch.no_grad():
+        layer.router.gate.weight.mul_(3)
+    x = torch.randn(4, 6, 8)
+    mask = torch.rand(4, 6) > 0.25
+    task = torch.randint(0, 3, (4, 6))
+    task[:2] = task[:2].clamp_max(1)  # the first micro-batch sees fewer tasks: tables get padded
+
+    def losses(info):
+        return info.load_balance + 0.5 * info.z_loss + 0.25 * info.entropy
+
+    _, big = layer(x, mask, task)
+    g_big = torch.autograd.grad(losses(big), [layer.router.gate.weight])[0]
+    _, a = layer(x[:2], mask[:2], task[:2])
+    _, b = layer(x[2:], mask[2:], task[2:])
+    merged = merge_micro_batches([a, b])
+    g_merged = torch.autograd.grad(losses(merged), [layer.router.gate.weight])[0]
+
+    for name in ("load_balance", "z_loss", "entropy", "mean_active_real", "router_entropy"):
+        torch.testing.assert_close(getattr(merged, name), getattr(big, name), msg=name)
+    for name in ("tokens_per_expert", "active_real_hist", "num_tokens", "tokens_per_expert_by_task"):
+        assert torch.equal(getattr(merged, name), getattr(big, name)), name
+    torch.testing.assert_close(g_merged, g_big)
+    # the per-micro-batch loss with globally accumulated counts uses the big batch's f
+    _, a2 = layer(x[:2], mask[:2], task[:2])
+    global_counts = a2.tokens_per_expert + b.tokens_per_expert
+    e = a2.num_experts
+    f = global_counts.float() / global_counts.sum()
+    expected = e * (f * a2.prob_sum / a2.num_tokens).sum()
+    torch.testing.assert_close(a2.load_balance_with_counts(global_counts), expected)
+
+
+def test_mean_over_layers_skips_dense_layers_and_summarize():
+    torch.manual_seed(3)
+    layer = build_moe_layer(8, MoEConfig(num_routed_experts=2, routed_intermediate_size=8, num_shared_experts=0, num_null_experts=0,
+                                         router={"name": "top_k", "top_k": 1, "jitter": 0.0}))
+    _, i1 = layer(torch.randn(1, 5, 8))
+    _, i2 = layer(torch.randn(1, 5, 8))
+    mean = mean_over_layers([i1, None, i2])
+    torch.testing.assert_close(mean.load_balance, (i1.load_balance + i2.load_balance) / 2)
+    torch.testing.assert_close(mean.z_loss, (i1.z_loss + i2.z_loss) / 2)
+    assert float(mean.mean_active_real) == 1.0  # top-1 over 2 real experts, no null
+    zero = mean_over_layers([None, None])
+    assert float(zero.load_balance) == 0.0
+    cfg = MoEConfig(z_loss_coef=0.1, entropy_loss_coef=0.2, load_balance=AuxLossSchedule(0.02, 0.0, 100))
+    total = cfg.aux_loss([i1, None, i2], step=50)
+    torch.testing.assert_close(total, 0.01 * mean.load_balance + 0.1 * mean.z_loss + 0.2 * mean.entropy)
+    flat = summarize([i1, None, i2])
+    assert set(flat) == {f"moe/layer_{i}/{k}" for i in (0, 2) for k in
+                         ("mean_active_real", "router_entropy", "load_balance", "z_loss", "null_fraction", "max_load")}
+    counts = i1.tokens_per_expert.float()
+    assert math.isclose(flat["moe/layer_0/max_load"], float(counts.max() / counts.sum() * 2), rel_tol=1e-6)
+
+
+def test_schedule_endpoints_midpoint_and_resume_purity():
+    s = AuxLossSchedule()  # paper: 0.025 -> 0.001 over 10k steps
+    assert s.weight(0) == pytest.approx(0.025)
+    assert s.weight(5_000) == pytest.approx(0.013)
+    assert s.weight(10_000) == pytest.approx(0.001)
+    assert s.weight(50_000) == pytest.approx(0.001)
+    assert s.weight(2_500) == pytest.approx(0.025 - 0.024 * 0.25)
+    assert [AuxLossSchedule().weight(k) for k in (7, 3, 7)] == [s.weight(7), s.weight(3), s.weight(7)]
+    assert AuxLossSchedule(0.5, 0.1, 0).weight(0) == 0.1
+    with pytest.raises(ValueError, match="steps"):
+        AuxLossSchedule(steps=-1)
+    with pytest.raises(ValueError, match="start"):
+        AuxLossSchedule(start=-0.1)
+    with pytest.raises(ValueError, match="step"):
+        s.weight(-1)
