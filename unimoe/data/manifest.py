@@ -84,8 +84,11 @@ def known_tasks() -> tuple[str, ...]:
     """Built-in tasks plus any task builder registered (in-tree or by a plug-in)."""
     names = set(BUILTIN_TASKS)
     try:
-        import unimoe.components  # noqa: F401  registers in-tree task builders
+        import importlib
+
         from unimoe.registry import TASKS
+
+        importlib.import_module("unimoe.model.tasks")  # registers the in-tree task builders
 
         names.update(TASKS.names())
     except Exception:  # a broken plug-in must not make manifests unreadable

@@ -1,0 +1,118 @@
+"""The on-disk shard format: codec tokens (and text, video) of many examples per file.
+
+A shard directory holds
+
+* ``shard-00000.pt`` ... - ``torch.save`` of a dict (loadable with ``weights_only=True``,
+  memory-mapped on read) with ``format``, ``version``, ``codec`` (the codec's
+  ``describe()``), ``fingerprint`` (hash of the manifest lines, settings and codec that
+  produced it), ``shard``, ``items`` (one dict per example: ``id``, ``task``, ``split``,
+  ``text``, ``speaker``, ``lang``, ``prompt_text``, ``duration``, ``line``, ``meta`` (JSON
+  string), ``codes`` int16/int32 ``[C, T]``, ``prompt_codes`` ``[C, Tp]`` or None,
+  ``video`` uint8 ``[F, 3, H, W]`` or None, ``video_fps``) and ``skipped`` (``id``, ``line``,
+  ``reason``, ``detail`` of each example left out);
+* ``index.json`` - written last, only when every shard exists: codec, settings and a
+  per-example table (id, task, split, shard, position, frame counts, text bytes, video
+  frames) so datasets and samplers know lengths without opening shards;
+* ``tokenize.json`` - the settings of the run, checked when resuming;
+* ``skipped.jsonl`` - every example left out, with its manifest line and reason.
+
+Shards are written under a dot-prefixed temporary name and renamed into place, so a reader
+(or a resumed run) never sees a half-written shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SHARD_FORMAT = "unimoe-shard"
+SHARD_VERSION = 1
+INDEX_FILE = "index.json"
+SETTINGS_FILE = "tokenize.json"
+SKIPPED_FILE = "skipped.jsonl"
+
+
+class ShardError(RuntimeError):
+    """A shard directory or file is missing, incomplete, corrupt or of another codec."""
+
+
+class CodecMismatchError(ShardError):
+    """Shards were made with a codec other than the one the model uses."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.pt"
+
+
+def tmp_name(index: int) -> str:
+    return f".{shard_name(index)}.tmp-{os.getpid()}"
+
+
+def save_shard(directory: Path, index: int, payload: dict[str, Any]) -> Path:
+    """Write one shard atomically: temporary file, fsync, rename."""
+    final = directory / shard_name(index)
+    tmp = directory / tmp_name(index)
+    with open(tmp, "wb") as fh:
+        torch.save(payload, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    return final
+
+
+def load_shard(path: str | Path, mmap: bool = True) -> dict[str, Any]:
+    """Load a shard (tensors memory-mapped); raise :class:`ShardError` naming the file."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise ShardError(f"shard not found: {path}") from None
+    except Exception as exc:
+        raise ShardError(f"cannot read shard {path} (corrupt or not a shard): {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != SHARD_FORMAT:
+        raise ShardError(f"{path} is not a {SHARD_FORMAT} file")
+    if payload.get("version") != SHARD_VERSION:
+        raise ShardError(f"{path} has shard format version {payload.get('version')}, this code reads {SHARD_VERSION}")
+    return payload
+
+
+def codes_dtype(cardinality: int) -> torch.dtype:
+    """Smallest integer type holding codes ``0..K+2`` (specials included)."""
+    return torch.int16 if cardinality + 3 <= torch.iinfo(torch.int16).max else torch.int32
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_index(directory: str | Path) -> dict[str, Any]:
+    """The ``index.json`` of a finished tokenisation, with a clear error if it is missing."""
+    directory = Path(directory)
+    path = directory / INDEX_FILE
+    if not path.is_file():
+        hint = " (tokenisation did not finish: re-run 'unimoe tokenize' with the same --out to resume)" if (directory / SETTINGS_FILE).exists() else ""
+        raise ShardError(f"{directory} has no {INDEX_FILE}; it is not a finished shard directory{hint}")
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ShardError(f"{path} is not valid JSON: {exc}") from exc
+    if index.get("format") != SHARD_FORMAT + "-index":
+        raise ShardError(f"{path} is not a shard index")
+    return index
+
+
+def compare_codecs(found: dict[str, Any], expected: dict[str, Any], where: str) -> None:
+    """Raise :class:`CodecMismatchError` listing every field where two ``describe()`` dicts differ."""
+    keys = sorted(set(found) | set(expected))
+    diff = [f"{k}: shards {found.get(k)!r} vs expected {expected.get(k)!r}" for k in keys if found.get(k) != expected.get(k)]
+    if diff:
+        raise CodecMismatchError(
+            f"{where} was tokenised with a different codec ({'; '.join(diff)}); "
+            f"re-run 'unimoe tokenize' with the model's codec"
+        )
