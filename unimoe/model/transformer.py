@@ -1,0 +1,449 @@
+"""The audio language model: a decoder-only transformer over text, codec frames and video.
+
+Reading order: :class:`RMSNorm`, rotary helpers, :class:`KVCache`, :class:`Attention`,
+:class:`Block`, :class:`AudioLM`. One position of the sequence is a text token, a delayed
+codec frame (the sum of its ``C`` codebook embeddings) or a visual soft token; one linear
+head predicts all ``C`` codebooks of the next frame at once (``hidden -> C x V``). The FFN
+of a block is a dense SwiGLU (specialists) or the Dynamic-Capacity MoE layer; both return
+``(y, routing_info_or_None)``, so the block does not care which.
+
+Incremental decoding uses a preallocated :class:`KVCache` with a length per row: prompts
+of different lengths are right-padded (the same layout as training) and each row appends
+its new tokens at its own length, so no left padding or position shifting is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from unimoe.model.config import AudioLMConfig
+from unimoe.model.delay import CodecSpecials
+from unimoe.model.tasks import IGNORE_INDEX, Batch, Modality
+from unimoe.moe.ffn import SwiGLU
+from unimoe.moe.layer import build_moe_layer
+from unimoe.moe.stats import LayerMeans, RoutingInfo, mean_over_layers
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) * weight``, computed in float32 so bf16 activations do not lose range."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+def rotate_half(x: Tensor, groups: int = 1) -> Tensor:
+    """Within each of ``groups`` equal chunks of the last dim: ``(a, b) -> (-b, a)``.
+
+    The "split halves" rotary convention of GPT-NeoX/LLaMA/Qwen (not interleaved pairs), so
+    weights from those models keep their meaning. ``groups=2`` serves 2-D (row, column) rotary.
+    """
+    x = x.unflatten(-1, (groups, 2, x.shape[-1] // (2 * groups)))
+    return torch.cat([-x[..., 1, :], x[..., 0, :]], dim=-1).flatten(-2)
+
+
+def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``positions [B, L]`` -> ``cos, sin [B, 1, L, head_dim]`` (computed per call: no length limit)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float().unsqueeze(-1) * inv_freq  # [B, L, hd/2]
+    angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+# ---------------------------------------------------------------------- KV cache
+class KVCache:
+    """Preallocated keys/values for every layer: ``[layers, B, kv_heads, max_len, head_dim]``.
+
+    ``lengths [B]`` counts the valid positions of each row. A forward step of ``S`` tokens
+    writes row ``b``'s tokens at ``lengths[b] .. lengths[b] + S - 1`` (also their RoPE
+    positions), then each row advances by its number of real tokens in the step, so
+    right-padded prompts of different lengths prefill together and decode in lockstep.
+    Slots past a row's length may hold stale values; the attention mask never reads them
+    and the next step overwrites them. Use under ``torch.no_grad()``.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_len = max_len
+        self._bound = 0  # host-side upper bound of lengths.max(): avoids a device sync per step
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def positions(self, steps: int) -> Tensor:
+        """Cache slots (= RoPE positions) of the next ``steps`` tokens of each row: ``[B, S]``."""
+        if self._bound + steps > self.max_len:
+            raise ValueError(
+                f"KVCache is full: {self._bound} positions used + {steps} new > max_len {self.max_len}; "
+                f"allocate a longer cache (model.new_cache(..., max_len=...))"
+            )
+        return self.lengths.unsqueeze(1) + torch.arange(steps, device=self.lengths.device)
+
+    def attention_mask(self, positions: Tensor) -> Tensor:
+        """``[B, 1, S, kv_len]`` bool: query at position p sees cache slots ``<= p``."""
+        kv_len = self._bound + positions.shape[1]
+        slots = torch.arange(kv_len, device=positions.device)
+        return (slots.view(1, 1, 1, -1) <= positions.view(positions.shape[0], 1, -1, 1))
+
+    def write(self, layer: int, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store ``k, v [B, kv_heads, S, hd]`` at ``positions [B, S]``; return the readable prefix."""
+        index = positions.view(positions.shape[0], 1, -1, 1).expand_as(k)
+        self.k[layer].scatter_(2, index, k.to(self.k.dtype))
+        self.v[layer].scatter_(2, index, v.to(self.v.dtype))
+        kv_len = self._bound + positions.shape[1]
+        return self.k[layer, :, :, :kv_len], self.v[layer, :, :, :kv_len]
+
+    def advance(self, steps: int, input_lengths: Tensor | None = None) -> None:
+        """After a step of ``steps`` tokens: rows grow by ``input_lengths [B]`` (default all)."""
+        self.lengths += steps if input_lengths is None else input_lengths.to(self.lengths)
+        self._bound = min(self.max_len, self._bound + steps)
+
+    def select(self, rows: Tensor) -> None:
+        """Keep (and reorder) batch rows, e.g. drop finished requests."""
+        self.k, self.v, self.lengths = self.k[:, rows], self.v[:, rows], self.lengths[rows]
+
+    def reset(self) -> None:
+        self.lengths.zero_()
+        self._bound = 0
+
+
+# ---------------------------------------------------------------------- blocks
+class Attention(nn.Module):
+    """Grouped-query attention (``num_kv_heads`` shared by ``num_heads``) with RoPE."""
+
+    def __init__(self, cfg: AudioLMConfig, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_size
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_size, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_size, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_size, cfg.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: KVCache | None = None,
+        positions: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, L, hd]
+        k = self.k_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, L, hd]
+        v = self.v_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.write(self.layer_index, positions, k, v)  # [B, KV, kv_len, hd]
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        # Without a cache, right padding makes the plain causal mask exact for real tokens.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))
+
+
+class Block(nn.Module):
+    """Pre-norm: ``x + attn(norm(x))``, then ``x + ffn(norm(x))``; ffn is SwiGLU or MoE."""
+
+    def __init__(self, cfg: AudioLMConfig, layer_index: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = Attention(cfg, layer_index)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.is_moe = cfg.is_moe_layer(layer_index)
+        self.ffn = build_moe_layer(cfg.hidden_size, cfg.moe) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        token_mask: Tensor | None,
+        task_ids: Tensor | None,
+        cache: KVCache | None = None,
+        positions: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> tuple[Tensor, RoutingInfo | None]:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, positions, mask)
+        y, info = self.ffn(self.ffn_norm(x), token_mask, task_ids)
+        return x + y, info
+
+
+# ---------------------------------------------------------------------- the model
+@dataclass
+class AudioLMOutput:
+    """What one forward returns. Losses are None without labels.
+
+    ``loss`` is the audio cross entropy only: the sum over codebooks of each codebook's
+    mean next-frame CE. MoE auxiliary losses are in ``aux``, unweighted and averaged over
+    MoE layers (``mean_over_layers``), for the training stage to weight (annealed) and add
+    (``MoEConfig.aux_loss(out.routing, step)`` gives the weighted sum); ``routing`` keeps
+    each layer's RoutingInfo for statistics and global-batch balancing.
+    """
+
+    logits: Tensor | None
+    """``[B, L, C, V]`` (logits="all"), ``[B, C, V]`` at each row's last real position ("last"), or None."""
+    hidden: Tensor
+    """Final-norm hidden states ``[B, L, D]``."""
+    loss: Tensor | None = None
+    codebook_losses: Tensor | None = None
+    """``[C]`` mean CE of each codebook over its labelled positions (0 where none)."""
+    task_losses: dict[int, Tensor] = field(default_factory=dict)
+    """Task id -> sum over codebooks of that task's per-codebook mean CE (tasks present only)."""
+    token_loss: Tensor | None = None
+    """``[B, C, L]`` CE per position and codebook (0 where the label is ignored)."""
+    num_targets: Tensor | None = None
+    """``[C]`` labelled positions per codebook (the denominators of ``codebook_losses``)."""
+    aux: LayerMeans | None = None
+    """Unweighted MoE aux losses (load_balance, z_loss, entropy) averaged over MoE layers; zeros when dense."""
+    routing: list[RoutingInfo | None] = field(default_factory=list)
+    """Per layer: the MoE layer's RoutingInfo, or None for a dense FFN."""
+    text_logits: Tensor | None = None
+    """``[B, L, text_vocab]`` when the config has ``text_head`` and it was asked for."""
+
+
+class AudioLM(nn.Module):
+    """The UniMoE-Audio language model. ``AudioLM(AudioLMConfig.from_preset("tiny"))``."""
+
+    def __init__(self, config: AudioLMConfig) -> None:
+        super().__init__()
+        self.config = cfg = config
+        self.specials = CodecSpecials(cfg.codebook_size)
+        self.text_vocab_size = cfg.resolved_text_vocab_size()
+        C, V, D = cfg.num_codebooks, cfg.audio_vocab_size, cfg.hidden_size
+        self.text_embed = nn.Embedding(self.text_vocab_size, D)
+        # One table for all codebooks (row k*V + code): a frame embedding is a single
+        # embedding_bag sum instead of C lookups and C [B, L, D] temporaries.
+        self.audio_embed = nn.Embedding(C * V, D)
+        self.register_buffer("codebook_offsets", torch.arange(C) * V, persistent=False)
+        self.vision = None
+        if cfg.vision is not None:
+            from unimoe.model.vision import build_vision_encoder
+
+            self.vision = build_vision_encoder(cfg.vision, hidden_size=D)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(D, cfg.norm_eps)
+        self.audio_head = nn.Linear(D, C * V, bias=False)
+        self.text_head = nn.Linear(D, self.text_vocab_size, bias=False) if cfg.text_head else None
+        self.gradient_checkpointing = cfg.gradient_checkpointing
+        self._init_own_weights()
+
+    def _init_own_weights(self) -> None:
+        """Normal(0, init_std) for embeddings/projections, residual outputs scaled by 1/sqrt(2 L).
+
+        FFN modules (SwiGLU / MoE) keep the initialisation their constructors chose.
+        """
+        std = self.config.init_std
+        for emb in (self.text_embed, self.audio_embed):
+            nn.init.normal_(emb.weight, std=std)
+        for head in (self.audio_head, self.text_head):
+            if head is not None:
+                nn.init.normal_(head.weight, std=std)
+        for block in self.blocks:
+            for lin in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj):
+                nn.init.normal_(lin.weight, std=std)
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+            nn.init.normal_(block.attn.o_proj.weight, std=std / (2 * self.config.num_layers) ** 0.5)
+
+    # ------------------------------------------------------------------ pieces
+    def embed(self, text_ids: Tensor, audio_codes: Tensor, modality: Tensor, video: Tensor | None = None) -> Tensor:
+        """Input embeddings ``[B, L, D]``: text rows, summed codebook rows, or visual tokens; 0 at padding."""
+        B, L = modality.shape
+        C, V = self.config.num_codebooks, self.config.audio_vocab_size
+        is_text = (modality == Modality.TEXT).unsqueeze(-1)
+        is_audio = (modality == Modality.AUDIO).unsqueeze(-1)
+        text = self.text_embed(torch.where(is_text.squeeze(-1), text_ids, 0))
+        codes = torch.where(is_audio.transpose(1, 2), audio_codes, self.specials.pad)  # [B, C, L]
+        rows = (codes + self.codebook_offsets.view(1, C, 1)).transpose(1, 2).reshape(B * L, C)
+        audio = F.embedding_bag(rows, self.audio_embed.weight, mode="sum").view(B, L, -1)
+        x = torch.where(is_text, text, torch.where(is_audio, audio, torch.zeros_like(audio)))
+        is_vision = modality == Modality.VISION
+        if video is not None:
+            if self.vision is None:
+                raise ValueError("batch has video frames but the model has no vision encoder (AudioLMConfig.vision)")
+            tokens = self.vision(video)  # [N, T_v, D]
+            n_slots = int(is_vision.sum())
+            if n_slots != tokens.shape[0] * tokens.shape[1]:
+                raise ValueError(
+                    f"batch has {n_slots} vision positions but the encoder produced {tokens.shape[0]} x {tokens.shape[1]} tokens"
+                )
+            x = x.masked_scatter(is_vision.unsqueeze(-1), tokens.to(x.dtype))
+        elif bool(is_vision.any()):
+            raise ValueError("batch has vision positions but no video frames")
+        return x
+
+    def new_cache(
+        self, batch_size: int, max_len: int | None = None, *, dtype: torch.dtype | None = None, device=None
+    ) -> KVCache:
+        """An empty cache for ``batch_size`` rows (default length ``config.max_seq_len``)."""
+        ref = self.audio_head.weight
+        return KVCache(
+            self.config.num_layers, batch_size, self.config.num_kv_heads, self.config.head_size,
+            max_len or self.config.max_seq_len, dtype=dtype or ref.dtype, device=device or ref.device,
+        )
+
+    def backbone(
+        self,
+        x: Tensor,
+        *,
+        token_mask: Tensor | None = None,
+        task_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+        input_lengths: Tensor | None = None,
+    ) -> tuple[Tensor, list[RoutingInfo | None]]:
+        """Embeddings ``[B, L, D]`` -> final-norm hidden ``[B, L, D]`` and per-layer routing.
+
+        With a cache the positions come from it and the cache advances by
+        ``input_lengths`` (default: every row by L); otherwise ``position_ids`` (default arange).
+        """
+        B, L, _ = x.shape
+        mask = positions = None
+        if cache is not None:
+            if cache.batch_size != B:
+                raise ValueError(f"cache holds {cache.batch_size} rows but the input has {B}")
+            positions = cache.positions(L)
+            mask = cache.attention_mask(positions)
+            rope_pos = positions
+        else:
+            rope_pos = position_ids if position_ids is not None else torch.arange(L, device=x.device).expand(B, L)
+        cos, sin = rope_cos_sin(rope_pos, self.config.head_size, self.config.rope_theta, x.dtype)
+        routing: list[RoutingInfo | None] = []
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training and cache is None:
+                x, info = checkpoint(block, x, cos, sin, token_mask, task_ids, use_reentrant=False)
+            else:
+                x, info = block(x, cos, sin, token_mask, task_ids, cache, positions, mask)
+            routing.append(info)
+        if cache is not None:
+            cache.advance(L, input_lengths)
+        return self.norm(x), routing
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """``[..., D] -> [..., C, V]`` float32 logits for all codebooks of the next frame."""
+        C, V = self.config.num_codebooks, self.config.audio_vocab_size
+        return self.audio_head(hidden).float().unflatten(-1, (C, V))
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        batch: Batch,
+        *,
+        cache: KVCache | None = None,
+        logits: Literal["all", "last", "none"] = "all",
+        text_logits: bool = False,
+    ) -> AudioLMOutput:
+        """Run a collated :class:`Batch` (training, evaluation, or a prefill into ``cache``).
+
+        Losses are computed when ``batch.labels`` is set, on the labelled positions only
+        (the head is not applied to text, vision, prompt or padding positions for the loss).
+        """
+        x = self.embed(batch.text_ids, batch.audio_codes, batch.modality, batch.video)
+        token_mask = batch.attention_mask
+        hidden, routing = self.backbone(
+            x, token_mask=token_mask, task_ids=batch.task_ids, position_ids=batch.position_ids,
+            cache=cache, input_lengths=token_mask.sum(1) if cache is not None else None,
+        )
+        out = AudioLMOutput(logits=None, hidden=hidden, routing=routing)
+        out.aux = mean_over_layers(routing)
+        if logits == "all":
+            out.logits = self.head(hidden)
+        elif logits == "last":
+            last = token_mask.sum(1) - 1  # right padding: the last real position of each row
+            out.logits = self.head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+        elif logits != "none":
+            raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
+        if text_logits:
+            if self.text_head is None:
+                raise ValueError("text_logits=True needs AudioLMConfig.text_head=True")
+            out.text_logits = self.text_head(hidden).float()
+        if batch.labels is not None:
+            self._loss(out, batch.labels, batch.task_ids, full_logits=out.logits if logits == "all" else None)
+        return out
+
+    def step(self, codes: Tensor, cache: KVCache, *, task_ids: Tensor | None = None) -> AudioLMOutput:
+        """Decode: append audio frames ``codes [B, C]`` (or ``[B, C, S]``) to every row of ``cache``.
+
+        Returns logits ``[B, S, C, V]`` for the frame after each appended one.
+        """
+        if codes.dim() == 2:
+            codes = codes.unsqueeze(-1)
+        B, C, S = codes.shape
+        if C != self.config.num_codebooks:
+            raise ValueError(f"codes has {C} codebooks, the model {self.config.num_codebooks}")
+        modality = torch.full((B, S), int(Modality.AUDIO), dtype=torch.long, device=codes.device)
+        x = self.embed(torch.zeros_like(modality), codes, modality)
+        if task_ids is not None and task_ids.dim() == 1:
+            task_ids = task_ids.unsqueeze(1).expand(B, S)
+        hidden, routing = self.backbone(x, token_mask=None, task_ids=task_ids, cache=cache)
+        return AudioLMOutput(logits=self.head(hidden), hidden=hidden, routing=routing, aux=mean_over_layers(routing))
+
+    def _loss(self, out: AudioLMOutput, labels: Tensor, task_ids: Tensor | None, full_logits: Tensor | None) -> None:
+        """Per-codebook mean CE over labelled positions, summed over codebooks; per task too."""
+        B, C, L = labels.shape
+        if C != self.config.num_codebooks:
+            raise ValueError(f"labels has {C} codebooks, the model {self.config.num_codebooks}")
+        labels_t = labels.transpose(1, 2)  # [B, L, C]
+        selected = (labels_t != IGNORE_INDEX).any(-1)  # [B, L]
+        target = labels_t[selected]  # [N, C]
+        if full_logits is not None:
+            logits = full_logits[selected]  # [N, C, V]
+        else:
+            logits = self.head(out.hidden[selected])
+        N, V = target.shape[0], logits.shape[-1]
+        ce = F.cross_entropy(logits.reshape(N * C, V), target.reshape(N * C), ignore_index=IGNORE_INDEX, reduction="none")
+        ce = ce.view(N, C)
+        valid = (target != IGNORE_INDEX).to(ce.dtype)
+        counts = valid.sum(0)  # [C]
+        out.codebook_losses = ce.sum(0) / counts.clamp(min=1)
+        out.loss = out.codebook_losses.sum()
+        out.num_targets = counts
+        token_loss = ce.new_zeros(B, L, C)
+        token_loss[selected] = ce
+        out.token_loss = token_loss.transpose(1, 2)
+        if task_ids is not None and N > 0:
+            tasks = task_ids[selected]  # [N]
+            num_tasks = int(tasks.max()) + 1
+            sums = ce.new_zeros(num_tasks, C).index_add_(0, tasks, ce)
+            cnts = ce.new_zeros(num_tasks, C).index_add_(0, tasks, valid)
+            per_task = (sums / cnts.clamp(min=1)).sum(1)  # [num_tasks]
+            present = (cnts.sum(1) > 0).tolist()
+            out.task_losses = {t: per_task[t] for t in range(num_tasks) if present[t]}
+
+    # ------------------------------------------------------------------ accounting
+    def num_parameters(self, active: int | str | None = None) -> int:
+        """Parameter count: total (``active=None``) or touched by one token (see :mod:`unimoe.model.params`)."""
+        from unimoe.model.params import count_parameters
+
+        return count_parameters(self, active=active)
