@@ -214,7 +214,8 @@ def test_kv_cache_decoding_equals_full_forward_with_ragged_prompts(preset):
         full = [model(collate([s])).logits[0] for s in seqs]  # [L_b, C, V]
         prefixes = [s.prefix() for s in seqs]
         cache = model.new_cache(len(seqs), max_len=64)
-        out = model(collate(prefixes), cache=cache, logits="last")
+        out = model(collate(prefixes, with_labels=False), cache=cache, logits="last")
+        assert out.loss is None
         starts = [s.target_start for s in seqs]
         assert cache.lengths.tolist() == [p + 1 for p in starts]
         for b, s in enumerate(starts):
@@ -279,3 +280,35 @@ def test_text_head_is_optional_and_bad_inputs_fail_clearly():
         AudioLMConfig.from_preset("tiny", num_kv_heads=3)
     with pytest.raises(ValueError, match="unknown AudioLMConfig preset"):
         AudioLMConfig.from_preset("huge")
+
+
+def test_adaptive_top_p_changes_moe_compute_only():
+    model = make("tiny-moe").eval()
+    batch = collate(mixed_sequences(model.config))
+    with torch.no_grad():
+        base = model(batch, logits="none")
+        model.set_top_p(0.999)
+        more = model(batch, logits="none")
+        model.set_top_p(None)
+        again = model(batch, logits="none")
+    def mean_active(out):
+        return sum(float(i.mean_active_real) for i in out.routing) / len(out.routing)
+
+    assert mean_active(more) > mean_active(base)
+    torch.testing.assert_close(again.loss, base.loss)
+
+
+def test_config_parses_from_yaml_with_jsonargparse():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--model", type=AudioLMConfig)
+    cfg = parser.parse_string(
+        "model:\n  hidden_size: 32\n  num_layers: 1\n  num_codebooks: 2\n  codebook_size: 8\n  delays: [0, 2]\n"
+        "  moe: {num_routed_experts: 2, routed_intermediate_size: 16, shared_intermediate_size: 8,"
+        " router: {name: top_p, top_p: 0.5}}\n  vision: null\n"
+    )
+    config = parser.instantiate(cfg).model
+    assert isinstance(config, AudioLMConfig) and config.moe.num_routed_experts == 2 and config.delays == [0, 2]
+    model = AudioLM(config)
+    assert model.blocks[0].is_moe and model.blocks[0].ffn.top_p == 0.5

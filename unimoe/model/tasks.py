@@ -189,8 +189,11 @@ class Batch:
                         for f in dataclasses.fields(self)})
 
 
-def collate(sequences: list[Sequence], pad_to_multiple_of: int = 1) -> Batch:
-    """Right-pad sequences into a :class:`Batch` (length rounded up to ``pad_to_multiple_of``)."""
+def collate(sequences: list[Sequence], pad_to_multiple_of: int = 1, with_labels: bool = True) -> Batch:
+    """Right-pad sequences into a :class:`Batch` (length rounded up to ``pad_to_multiple_of``).
+
+    ``with_labels=False`` leaves ``labels`` None (generation prompts: no loss to compute).
+    """
     if not sequences:
         raise ValueError("collate got an empty list of sequences")
     C = sequences[0].num_codebooks
@@ -225,7 +228,8 @@ def collate(sequences: list[Sequence], pad_to_multiple_of: int = 1) -> Batch:
         video = torch.stack(videos)
     attention_mask = modality != Modality.PAD
     position_ids = torch.arange(L).expand(B, L).clone()
-    return Batch(text_ids, audio_codes, modality, attention_mask, position_ids, labels, task_ids, lengths, video)
+    return Batch(text_ids, audio_codes, modality, attention_mask, position_ids, labels if with_labels else None,
+                 task_ids, lengths, video)
 
 
 # ---------------------------------------------------------------------- builders

@@ -367,7 +367,9 @@ class AudioLM(nn.Module):
         """Run a collated :class:`Batch` (training, evaluation, or a prefill into ``cache``).
 
         Losses are computed when ``batch.labels`` is set, on the labelled positions only
-        (the head is not applied to text, vision, prompt or padding positions for the loss).
+        (the head is not applied to text, vision, prompt or padding positions for the loss),
+        so training should pass ``logits="none"``: full logits are ``B x L x C x V`` floats.
+        ``logits="last"`` gives each row's next-frame logits after a prefill.
         """
         x = self.embed(batch.text_ids, batch.audio_codes, batch.modality, batch.video)
         token_mask = batch.attention_mask
@@ -440,6 +442,12 @@ class AudioLM(nn.Module):
             per_task = (sums / cnts.clamp(min=1)).sum(1)  # [num_tasks]
             present = (cnts.sum(1) > 0).tolist()
             out.task_losses = {t: per_task[t] for t in range(num_tasks) if present[t]}
+
+    def set_top_p(self, top_p: float | None) -> None:
+        """Override the top-p of every MoE layer (adaptive compute at inference); None restores it."""
+        for block in self.blocks:
+            if block.is_moe:
+                block.ffn.top_p = top_p
 
     # ------------------------------------------------------------------ accounting
     def num_parameters(self, active: int | str | None = None) -> int:
