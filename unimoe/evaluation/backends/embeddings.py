@@ -50,7 +50,7 @@ class MelStats(AudioEmbedder, AudioClassifier):
         )
 
     def describe(self) -> str:
-        return (f"mel_stats: mean+std of {self.n_mels}-band log-mel per {self.window_frames / 100:g} s window "
+        return (f"mean+std of {self.n_mels}-band log-mel per {self.window_frames / 100:g} s window "
                 f"(signal processing, no learned weights; not comparable with VGGish/openl3/PANNs)")
 
     def _power(self, wav: np.ndarray) -> torch.Tensor:
