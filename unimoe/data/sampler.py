@@ -6,7 +6,8 @@
 * :class:`MixtureSampler` - an epoch of ``num_samples`` global indices: each draw picks a
   source with its probability, then the next example of that source's reshuffled cycle
   (without replacement inside a pass, so small sources repeat evenly).
-* :func:`seed_subset` - the fixed small balanced subset for warmup.
+* :func:`seed_subset` / :class:`SubsetSampler` - the fixed small balanced subset for
+  warmup, each example used equally often.
 * :class:`TokenBudgetBatchSampler` - cuts any index stream into batches whose padded size
   ``len(batch) * max(length)`` stays within a token budget, grouping similar lengths in
   buckets so little of the budget is padding; shards batches across ranks.
@@ -168,6 +169,33 @@ class OrderedSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.size
+
+
+class SubsetSampler(Sampler[int]):
+    """A fixed index set, reshuffled each epoch, cycled to ``num_samples`` (default: once each).
+
+    The warmup stage's seed subset is balanced by construction, so an epoch uses each of
+    its examples equally often instead of drawing sources at random.
+    """
+
+    def __init__(self, indices: Sequence[int] | np.ndarray, num_samples: int | None = None, seed: int = 0) -> None:
+        self.indices = np.asarray(indices, dtype=np.int64)
+        if self.indices.size == 0:
+            raise ValueError("SubsetSampler got no indices")
+        self.num_samples = int(num_samples or self.indices.size)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng([self.seed, self.epoch, 4])
+        passes = math.ceil(self.num_samples / self.indices.size)
+        order = np.concatenate([self.indices[rng.permutation(self.indices.size)] for _ in range(passes)])
+        return iter(order[: self.num_samples].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
 
 
 class TokenBudgetBatchSampler(Sampler[list[int]]):

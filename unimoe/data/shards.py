@@ -11,8 +11,9 @@ A shard directory holds
   ``video`` uint8 ``[F, 3, H, W]`` or None, ``video_fps``) and ``skipped`` (``id``, ``line``,
   ``reason``, ``detail`` of each example left out);
 * ``index.json`` - written last, only when every shard exists: codec, settings and a
-  per-example table (id, task, split, shard, position, frame counts, text bytes, video
-  frames) so datasets and samplers know lengths without opening shards;
+  per-example table (id, task, split, speaker, shard, position, manifest line, duration,
+  frame counts, text, prompt text, video frames and size) so datasets and samplers know
+  sequence lengths without opening shards;
 * ``tokenize.json`` - the settings of the run, checked when resuming;
 * ``skipped.jsonl`` - every example left out, with its manifest line and reason.
 

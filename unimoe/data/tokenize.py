@@ -213,8 +213,7 @@ def _summary(payload: dict[str, Any]) -> dict[str, Any]:
             "shard": payload["shard"], "pos": pos, "line": item["line"], "duration": item["duration"],
             "frames": int(item["codes"].shape[-1]),
             "prompt_frames": int(item["prompt_codes"].shape[-1]) if item["prompt_codes"] is not None else 0,
-            "text_bytes": len((item["text"] or "").encode("utf-8")),
-            "prompt_text_bytes": len((item["prompt_text"] or "").encode("utf-8")),
+            "text": item["text"], "prompt_text": item["prompt_text"],
             "video_frames": int(video.shape[0]) if video is not None else 0,
             "video_size": list(video.shape[-2:]) if video is not None else None,
         })

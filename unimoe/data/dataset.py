@@ -1,0 +1,121 @@
+"""The training dataset: examples read from codec-token shards (never from audio).
+
+A :class:`ShardDataset` is one shard directory restricted to a split (and optionally some
+tasks). It knows every example's sizes from ``index.json`` without opening a shard, and
+opens shards lazily, memory-mapped, keeping a few open per process (DataLoader workers
+each have their own).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from unimoe.data.shards import ShardError, compare_codecs, load_shard, read_index
+
+
+@dataclass
+class Example:
+    """One tokenised example, as the task builders take it."""
+
+    index: int
+    id: str
+    task: str
+    codes: Tensor
+    """Target codes ``[C, T]`` long."""
+    text: str | None = None
+    prompt_codes: Tensor | None = None
+    prompt_text: str | None = None
+    video: Tensor | None = None
+    """Frames ``[F, 3, H, W]`` uint8."""
+    video_fps: float | None = None
+    speaker: str | None = None
+    split: str = "train"
+    duration: float | None = None
+    meta: dict | None = None
+
+
+class ShardDataset(Dataset):
+    """Examples of one shard directory (one split, optionally some tasks).
+
+    ``expected_codec`` (a codec's ``describe()``) makes a mismatch an immediate error
+    naming the differing fields, instead of a model trained on foreign tokens.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        split: str | None = "train",
+        tasks: Sequence[str] | None = None,
+        expected_codec: dict[str, Any] | None = None,
+        max_open_shards: int = 16,
+    ) -> None:
+        self.directory = Path(directory)
+        index = read_index(self.directory)
+        self.codec_info: dict[str, Any] = index["codec"]
+        if expected_codec is not None:
+            compare_codecs(self.codec_info, expected_codec, str(self.directory))
+        self.shard_files = [shard["file"] for shard in index["shards"]]
+        missing = [f for f in self.shard_files if not (self.directory / f).is_file()]
+        if missing:
+            raise ShardError(f"{self.directory}: index.json lists shards that are missing: {', '.join(missing[:5])}")
+        columns: dict[str, list] = index["items"]
+        n = index["num_items"]
+        keep = [
+            i for i in range(n)
+            if (split is None or columns["split"][i] == split) and (tasks is None or columns["task"][i] in tasks)
+        ]
+        self.split = split
+        self.rows: dict[str, list] = {key: [values[i] for i in keep] for key, values in columns.items()} if n else {}
+        self.max_open_shards = max_open_shards
+        self._open: OrderedDict[int, dict] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.rows.get("id", []))
+
+    def row(self, i: int) -> dict[str, Any]:
+        """The index entry of example ``i`` (sizes, text, ids) without opening its shard."""
+        return {key: values[i] for key, values in self.rows.items()}
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.rows.get("task", [])
+
+    def _shard(self, shard: int) -> dict:
+        payload = self._open.get(shard)
+        if payload is None:
+            payload = load_shard(self.directory / self.shard_files[shard], mmap=True)
+            self._open[shard] = payload
+            while len(self._open) > self.max_open_shards:
+                self._open.popitem(last=False)
+        else:
+            self._open.move_to_end(shard)
+        return payload
+
+    def __getitem__(self, i: int) -> Example:
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} examples in {self.directory}")
+        row = self.row(i)
+        item = self._shard(row["shard"])["items"][row["pos"]]
+        if item["id"] != row["id"]:
+            raise ShardError(f"{self.directory}: shard {row['shard']} position {row['pos']} holds {item['id']!r}, "
+                             f"index.json says {row['id']!r}; the folder was modified after tokenisation, re-run it")
+        return Example(
+            index=i, id=item["id"], task=item["task"], codes=item["codes"].long(), text=item["text"],
+            prompt_codes=item["prompt_codes"].long() if item["prompt_codes"] is not None else None,
+            prompt_text=item["prompt_text"], video=item["video"].clone() if item["video"] is not None else None,
+            video_fps=item["video_fps"], speaker=item["speaker"], split=item["split"], duration=item["duration"],
+            meta=json.loads(item["meta"]) if item.get("meta") else None,
+        )
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_open"] = OrderedDict()  # each worker process opens its own memory maps
+        return state
