@@ -272,8 +272,12 @@ def test_text_head_is_optional_and_bad_inputs_fail_clearly():
         make()(batch, text_logits=True)
     with pytest.raises(ValueError, match="logits must be"):
         model(batch, logits="first")
+    v2m_batch = collate(mixed_sequences(model.config)[2:3])
     with pytest.raises(ValueError, match="vision encoder"):
-        make(vision=None)(collate(mixed_sequences(model.config)[2:3]))
+        make(vision=None)(v2m_batch)
+    v2m_batch.video = None
+    with pytest.raises(ValueError, match="no video frames"):
+        model(v2m_batch)
     with pytest.raises(ValueError, match="delays"):
         AudioLMConfig.from_preset("tiny", delays=[0, 1])
     with pytest.raises(ValueError, match="num_kv_heads"):

@@ -54,7 +54,7 @@ def test_task_ids_are_stable_and_plugins_come_after():
         task, conditions, default_instruction = "zz_echo", ("text",), "echo: "
 
         def layout(self, conditions, keep):
-            return [self._text_block(self._text_ids(conditions["text"], "text") if "text" in keep else [])]
+            return [self.text_block(self.text_ids(conditions["text"], "text") if "text" in keep else [])]
 
     TASKS.register("zz_echo", Echo)
     try:

@@ -234,7 +234,9 @@ def collate(sequences: list[Sequence], pad_to_multiple_of: int = 1, with_labels:
 
 # ---------------------------------------------------------------------- builders
 @dataclass
-class _Part:
+class Part:
+    """One conditioning block a builder's :meth:`TaskBuilder.layout` returns."""
+
     modality: Modality
     text: list[int] | None = None  # TEXT
     codes: Tensor | None = None  # AUDIO: delayed [C, n]
@@ -256,6 +258,9 @@ class TaskBuilder:
 
     task: ClassVar[str]
     conditions: ClassVar[tuple[str, ...]]
+    """Inputs that condition generation (dropped for the unconditional form)."""
+    extra_inputs: ClassVar[tuple[str, ...]] = ()
+    """Further accepted inputs that travel with a condition (tts: ``prompt_text``)."""
     default_instruction: ClassVar[str]
 
     def __init__(
@@ -294,7 +299,7 @@ class TaskBuilder:
         ``drop_condition`` forces (True) or forbids (False) the CFG drop; None draws it with
         probability ``cond_drop_prob`` from ``rng`` (default: the ``random`` module).
         """
-        target = self._codes(target, "target")
+        target = self.codes(target, "target")
         if drop_condition is None:
             drop_condition = self.cond_drop_prob > 0 and (rng or random).random() < self.cond_drop_prob
         parts = self._parts(conditions, cond=not drop_condition)
@@ -310,13 +315,21 @@ class TaskBuilder:
         return self.prefix(cond=True, **conditions), self.prefix(cond=False, **conditions)
 
     # ------------------------------------------------------------------ subclass hook
-    def layout(self, conditions: dict[str, Any], keep: set[str]) -> list[_Part]:
-        """The conditioning blocks, given validated ``conditions`` and the names to ``keep``."""
+    def layout(self, conditions: dict[str, Any], keep: set[str]) -> list[Part]:
+        """The conditioning blocks, given the non-None ``conditions`` and the names to ``keep``.
+
+        Validate inputs with :meth:`codes` / :meth:`text_ids`, make blocks with
+        :meth:`text_block`, :meth:`audio_block` or ``Part(Modality.VISION, video=, num_tokens=)``.
+        """
         raise NotImplementedError
 
-    # ------------------------------------------------------------------ helpers
-    def _parts(self, conditions: dict[str, Any], cond: bool) -> list[_Part]:
-        accepted = set(self.conditions) | set(getattr(self, "extra_inputs", ()))
+    # ------------------------------------------------------------------ helpers for layouts
+    def audio_block(self, codes: Tensor) -> Part:
+        """A conditioning audio block: the delayed segment of ``codes [C, T]`` (no targets)."""
+        return Part(Modality.AUDIO, codes=delayed_segment(codes, self.config.delays, self.specials))
+
+    def _parts(self, conditions: dict[str, Any], cond: bool) -> list[Part]:
+        accepted = set(self.conditions) | set(self.extra_inputs)
         unknown = sorted(set(conditions) - accepted)
         if unknown:
             raise TypeError(f"{self.task}: unexpected input(s) {unknown}; accepted: {sorted(accepted)}")
@@ -324,7 +337,8 @@ class TaskBuilder:
         keep = set(self.conditions) if cond else set(self.uncond_keep)
         return self.layout(conditions, keep)
 
-    def _codes(self, codes: Any, field: str) -> Tensor:
+    def codes(self, codes: Any, field: str) -> Tensor:
+        """Validate codec codes ``[C, T>=1]`` in ``[0, K)``; errors name ``field``."""
         C, K = self.config.num_codebooks, self.config.codebook_size
         if not isinstance(codes, Tensor):
             raise TypeError(f"{self.task}: {field!r} must be a tensor [C={C}, T] of codes, got {type(codes).__name__}")
@@ -337,7 +351,8 @@ class TaskBuilder:
             raise ValueError(f"{self.task}: {field!r} has codes outside [0, {K}) (min {int(codes.min())}, max {int(codes.max())})")
         return codes
 
-    def _text_ids(self, text: TextInput, field: str) -> list[int]:
+    def text_ids(self, text: TextInput, field: str) -> list[int]:
+        """A str (tokenized) or token ids (checked against the text vocabulary) -> ids."""
         if isinstance(text, str):
             return self.tokenizer.encode(text)
         if isinstance(text, Tensor):
@@ -350,7 +365,8 @@ class TaskBuilder:
             raise ValueError(f"{self.task}: {field!r} has token ids outside [0, {vocab}): {bad[:5]}")
         return list(text)
 
-    def _text_block(self, *contents: list[int]) -> _Part:
+    def text_block(self, *contents: list[int]) -> Part:
+        """``[bos] + instruction + contents + [eos]`` (bos/eos when the tokenizer has them)."""
         tok = self.tokenizer
         ids = [tok.bos_id] if tok.bos_id is not None else []
         ids += tok.encode(self.instruction) if self.instruction else []
@@ -359,9 +375,9 @@ class TaskBuilder:
         ids += [tok.eos_id] if tok.eos_id is not None else []
         if not ids:
             raise ValueError(f"{self.task}: empty text block (no instruction, no bos/eos, no text)")
-        return _Part(Modality.TEXT, text=ids)
+        return Part(Modality.TEXT, text=ids)
 
-    def _assemble(self, parts: list[_Part], target: Tensor, full_target: bool) -> Sequence:
+    def _assemble(self, parts: list[Part], target: Tensor, full_target: bool) -> Sequence:
         C = self.config.num_codebooks
         text, codes, modality, mask = [], [], [], []
         video = None
@@ -409,21 +425,21 @@ class TTSBuilder(TaskBuilder):
     extra_inputs = ("prompt_text",)
     default_instruction = "text to speech: "
 
-    def layout(self, conditions: dict[str, Any], keep: set[str]) -> list[_Part]:
+    def layout(self, conditions: dict[str, Any], keep: set[str]) -> list[Part]:
         if "text" not in conditions:
             raise ValueError("tts: 'text' (the transcript) is required")
-        text = self._text_ids(conditions["text"], "text")
+        text = self.text_ids(conditions["text"], "text")
         if not text:
             raise ValueError("tts: 'text' is empty")
-        prompt = self._codes(conditions["prompt"], "prompt") if "prompt" in conditions else None
+        prompt = self.codes(conditions["prompt"], "prompt") if "prompt" in conditions else None
         if "text" in keep:
-            spoken = self._text_ids(conditions["prompt_text"], "prompt_text") if "prompt_text" in conditions else []
+            spoken = self.text_ids(conditions["prompt_text"], "prompt_text") if "prompt_text" in conditions else []
             sep = self.tokenizer.encode(" ") if spoken and isinstance(conditions["text"], str) else []
-            parts = [self._text_block(spoken, sep, text)]
+            parts = [self.text_block(spoken, sep, text)]
         else:
-            parts = [self._text_block()]
+            parts = [self.text_block()]
         if prompt is not None and "prompt" in keep:
-            parts.append(_Part(Modality.AUDIO, codes=delayed_segment(prompt, self.config.delays, self.specials)))
+            parts.append(self.audio_block(prompt))
         return parts
 
 
@@ -435,13 +451,13 @@ class T2MBuilder(TaskBuilder):
     conditions = ("text",)
     default_instruction = "text to music: "
 
-    def layout(self, conditions: dict[str, Any], keep: set[str]) -> list[_Part]:
+    def layout(self, conditions: dict[str, Any], keep: set[str]) -> list[Part]:
         if "text" not in conditions:
             raise ValueError("t2m: 'text' (the caption) is required")
-        caption = self._text_ids(conditions["text"], "text")
+        caption = self.text_ids(conditions["text"], "text")
         if not caption:
             raise ValueError("t2m: 'text' is empty")
-        return [self._text_block(caption if "text" in keep else [])]
+        return [self.text_block(caption if "text" in keep else [])]
 
 
 @TASKS.register("v2m")
@@ -480,15 +496,15 @@ class V2MBuilder(TaskBuilder):
             video = F.interpolate(video, size=self.encoder.input_size, mode="bilinear", align_corners=False, antialias=True)
         return video.clamp(0.0, 1.0)
 
-    def layout(self, conditions: dict[str, Any], keep: set[str]) -> list[_Part]:
+    def layout(self, conditions: dict[str, Any], keep: set[str]) -> list[Part]:
         if "video" not in conditions:
             raise ValueError("v2m: 'video' frames are required")
         video = self.frames(conditions["video"])
-        caption = self._text_ids(conditions["text"], "text") if "text" in conditions else []
+        caption = self.text_ids(conditions["text"], "text") if "text" in conditions else []
         parts = []
         if "video" in keep:
-            parts.append(_Part(Modality.VISION, video=video, num_tokens=self.encoder.num_tokens(video.shape[0], video.shape[2], video.shape[3])))
-        parts.append(self._text_block(caption if "text" in keep else []))
+            parts.append(Part(Modality.VISION, video=video, num_tokens=self.encoder.num_tokens(video.shape[0], video.shape[2], video.shape[3])))
+        parts.append(self.text_block(caption if "text" in keep else []))
         return parts
 
 

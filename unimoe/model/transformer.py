@@ -278,7 +278,10 @@ class AudioLM(nn.Module):
 
     # ------------------------------------------------------------------ pieces
     def embed(self, text_ids: Tensor, audio_codes: Tensor, modality: Tensor, video: Tensor | None = None) -> Tensor:
-        """Input embeddings ``[B, L, D]``: text rows, summed codebook rows, or visual tokens; 0 at padding."""
+        """Input embeddings ``[B, L, D]``: text rows, summed codebook rows, or visual tokens; 0 at padding.
+
+        VISION positions are filled from ``video`` in row-major order (0 without video).
+        """
         B, L = modality.shape
         C, V = self.config.num_codebooks, self.config.audio_vocab_size
         is_text = (modality == Modality.TEXT).unsqueeze(-1)
@@ -299,8 +302,6 @@ class AudioLM(nn.Module):
                     f"batch has {n_slots} vision positions but the encoder produced {tokens.shape[0]} x {tokens.shape[1]} tokens"
                 )
             x = x.masked_scatter(is_vision.unsqueeze(-1), tokens.to(x.dtype))
-        elif bool(is_vision.any()):
-            raise ValueError("batch has vision positions but no video frames")
         return x
 
     def new_cache(
@@ -371,6 +372,8 @@ class AudioLM(nn.Module):
         so training should pass ``logits="none"``: full logits are ``B x L x C x V`` floats.
         ``logits="last"`` gives each row's next-frame logits after a prefill.
         """
+        if batch.video is None and bool((batch.modality == Modality.VISION).any()):
+            raise ValueError("batch has vision positions but no video frames")
         x = self.embed(batch.text_ids, batch.audio_codes, batch.modality, batch.video)
         token_mask = batch.attention_mask
         hidden, routing = self.backbone(
