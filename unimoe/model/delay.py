@@ -130,7 +130,8 @@ def forced_tokens(step: Tensor, eos_frame: Tensor, delays: Sequence[int], specia
 
     ``step [B]``: delayed index of the frame being predicted inside the target segment
     (0 is the BOS frame, so decoding predicts steps 1, 2, ...). ``eos_frame [B]``: undelayed
-    frame index at which EOS was decided (``T + 1`` in the module doc), or -1 while running.
+    frame index at which EOS was decided (``T + 1`` in the module doc; ``step - delays[k]``
+    when codebook ``k`` emitted it at ``step``), or -1 while running.
     Returns ``(mask [B, C] bool, values [B, C] long)``: where ``mask`` is True the token is
     BOS (stream not started), EOS (its delayed end) or PAD (after it).
     """
