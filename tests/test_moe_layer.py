@@ -177,3 +177,27 @@ def test_routing_statistics_match_counts():
     assert math.isclose(float(info.mean_active_real), sum(k * h for k, h in enumerate(hist)) / sum(hist), rel_tol=1e-6)
     assert int(info.num_tokens) == int(flat_mask.sum())
     assert info.real_experts.tolist() == [True] * 4 + [False]
+
+
+def test_several_groups_with_null_in_the_middle():
+    """Groups [swiglu x2, null x1, swiglu x3]: rows reach the right group and local expert."""
+    from unimoe.moe import MoELayer, NullExperts, SwiGLUExperts, TopPRouter
+
+    torch.manual_seed(7)
+    groups = [SwiGLUExperts(8, 16, 2), NullExperts(1), SwiGLUExperts(8, 8, 3, grouped_mm="loop")]
+    layer = MoELayer(router=TopPRouter(8, 6, top_p=0.8, jitter=0.0), experts=groups, shared_gating="unweighted")
+    with torch.no_grad():
+        layer.router.gate.weight.mul_(3.0)
+    x = torch.randn(1, 20, 8)
+    y, info = layer(x)
+    route = layer.router(x[0])
+    owner = [(groups[0], 0), (groups[0], 1), (None, 0), (groups[2], 0), (groups[2], 1), (groups[2], 2)]
+    for t in range(20):
+        want = torch.zeros(8)
+        for e in range(6):
+            group, local = owner[e]
+            if route.selected[t, e] and group is not None:
+                want = want + route.weights[t, e] * expert_swiglu(x[0, t], group.gate_up_proj[local], group.down_proj[local])
+        torch.testing.assert_close(y[0, t], want, rtol=1e-5, atol=1e-6)
+    assert info.real_experts.tolist() == [True, True, False, True, True, True]
+    assert info.active_real_hist.shape == (6,)

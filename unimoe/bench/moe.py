@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from unimoe.moe import MoEConfig, build_moe_layer
-from unimoe.moe.dispatch import dispatch
+from unimoe.moe.dispatch import dispatch, group_slots
 from unimoe.moe.experts import SwiGLUExperts
 from unimoe.moe.ffn import swiglu
 from unimoe.moe.grouped import grouped_kernel_supported
@@ -282,7 +282,7 @@ def null_saving(layer: MoELayer, x: Tensor, route, cfg: MoEBenchConfig, device: 
     for name, s in (("none", sel), ("half", half)):
         w = torch.where(s, w_base, 0.0).requires_grad_()
         steps[name] = fwd_bwd(
-            lambda s=s, w=w: dispatch(xin, s, w, layer._slots), g, [xin, w, *layer.experts.parameters()]
+            lambda s=s, w=w: dispatch(xin, s, w, group_slots(layer.experts)), g, [xin, w, *layer.experts.parameters()]
         )
     ms = time_round_robin(steps, cfg.warmup, cfg.repeats, device, cfg.timer)
     return {

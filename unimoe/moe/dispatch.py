@@ -57,9 +57,7 @@ def dispatch(x: Tensor, selected: Tensor, weights: Tensor, slots: Sequence[Group
     t, d = x.shape
     if not compute:  # every dynamic expert is null: routed output is zero
         return x.new_zeros(t, d)
-    columns = _columns(compute, selected.device)  # [E_c]
-    sel = selected.index_select(1, columns)  # [T, E_c]
-    w = weights.index_select(1, columns)  # [T, E_c]
+    sel, w = _compute_columns(selected, weights, compute)  # [T, E_c] each
 
     expert_idx, token_idx = sel.t().nonzero(as_tuple=True)  # [N] each, sorted by expert (host sync)
     counts = sel.sum(dim=0)  # [E_c] rows per expert
@@ -98,5 +96,10 @@ def scatter_add_rows(rows: Tensor, index: Tensor, num_rows: int) -> Tensor:
     return out.scatter_add_(0, index.unsqueeze(-1).expand_as(rows), rows)
 
 
-def _columns(compute: Sequence[GroupSlot], device: torch.device) -> Tensor:
-    return torch.cat([torch.arange(s.start, s.end, device=device) for s in compute])
+def _compute_columns(selected: Tensor, weights: Tensor, compute: Sequence[GroupSlot]) -> tuple[Tensor, Tensor]:
+    """The columns of the token-taking experts (a view when they are contiguous)."""
+    if all(a.end == b.start for a, b in zip(compute, compute[1:])):
+        start, end = compute[0].start, compute[-1].end
+        return selected[:, start:end], weights[:, start:end]
+    columns = torch.cat([torch.arange(s.start, s.end, device=selected.device) for s in compute])
+    return selected.index_select(1, columns), weights.index_select(1, columns)

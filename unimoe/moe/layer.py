@@ -70,7 +70,6 @@ class MoELayer(nn.Module):
         self.shared_experts = shared_experts
         self.shared_gating = shared_gating
         self.num_experts = num_dynamic
-        self._slots = group_slots(list(self.experts))
         real = torch.cat([torch.full((g.num_experts,), g.takes_tokens, dtype=torch.bool) for g in experts])
         self.register_buffer("real_experts", real, persistent=False)  # [E] bool
         self.num_real_experts = int(real.sum())
@@ -97,7 +96,7 @@ class MoELayer(nn.Module):
         route = self.router(flat, mask)
 
         routed_w, shared_w = self._gate_weights(route)
-        y = dispatch(flat, route.selected, routed_w, self._slots)  # [T, D]
+        y = dispatch(flat, route.selected, routed_w, group_slots(self.experts))  # [T, D]
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat, shared_w)
         info = self._routing_info(route, mask, None if task_ids is None else task_ids.reshape(b * l))
