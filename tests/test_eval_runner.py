@@ -6,6 +6,7 @@ transcripts up by file name - the same ``ASRBackend`` interface a real model imp
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import sys
@@ -210,9 +211,14 @@ def test_suite_validation_errors(tmp_path):
         parse_suite({"name": "x", "metrics": [{"metric": "fad"}]})
     with pytest.raises(EvaluationError, match="suite file not found"):
         load_suite(tmp_path / "nope.yaml")
+    import unimoe.evaluation.backends  # noqa: F401
+    from unimoe.evaluation.scorers import SCORERS
+
     for name in ("speech", "music", "demo"):  # the shipped suites parse and name real components
         suite = load_suite(name)
         assert suite.name == name and suite.metrics
+        for m in suite.metrics:
+            assert m.metric in SCORERS and METRICS.get(m.backend_label)
 
 
 def test_wrong_backend_kind_and_unknown_backend(tmp_path, music_dir):
@@ -225,8 +231,7 @@ def test_wrong_backend_kind_and_unknown_backend(tmp_path, music_dir):
                   mlflow=False, log=lambda m: None)
 
 
-@pytest.mark.skipif("transformers" in sys.modules or __import__("importlib").util.find_spec("transformers") is not None,
-                    reason="transformers is installed here")
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is not None, reason="transformers is installed here")
 def test_unavailable_backend_error_or_skip(tmp_path, music_dir):
     manifest = write_jsonl(tmp_path / "e.jsonl", [{"id": "a", "task": "tts", "audio": str(music_dir / "gen0.wav"),
                                                    "reference_audio": str(music_dir / "gen1.wav")}])
@@ -274,3 +279,21 @@ def test_checkpoint_mode_without_generation_subsystem_is_a_clear_error(monkeypat
     monkeypatch.setitem(sys.modules, "unimoe.generation", None)  # makes the import fail
     with pytest.raises(EvaluationError, match="needs the generation subsystem"):
         load_checkpoint_generator("model.ckpt")
+
+
+def test_lines_written_by_the_training_manifest_code_are_read_as_references(tmp_path, music_dir):
+    manifest_mod = pytest.importorskip("unimoe.data.manifest")
+    entry = manifest_mod.ManifestEntry(
+        id="tts-spk001-00005", task="tts", audio="../speech/u.wav", text="Every winter, Peter ran home.",
+        speaker="spk001", prompt_audio="../speech/p.wav", prompt_text="We saw forty books.", duration=2.1,
+        split="test", lang="en", meta={"voice": "en-us"},
+    )
+    refs = write_jsonl(tmp_path / "corpus" / "manifests" / "all.jsonl", [entry.to_json()])
+    wavs = tmp_path / "gen"
+    wavs.mkdir()
+    shutil.copy(music_dir / "gen0.wav", wavs / "tts-spk001-00005.wav")
+    (item,) = pair_with_references(wavs, refs, split="test").items
+    assert (item.task, item.text, item.speaker, item.language) == ("tts", entry.text, "spk001", "en")
+    assert item.reference_audio == refs.parent / "../speech/u.wav"
+    assert item.speaker_reference == refs.parent / "../speech/p.wav"
+    assert item.extra["meta"] == {"voice": "en-us"} and item.extra["prompt_text"] == "We saw forty books."

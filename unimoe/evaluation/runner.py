@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 
-from unimoe.registry import METRICS, ComponentSpec, RegistryError
+from unimoe.registry import METRICS, ComponentSpec
 
 from .backends.base import MetricBackend
 from .errors import BackendUnavailableError, EvaluationError
@@ -84,10 +84,7 @@ def build_backend(spec: ComponentSpec | MetricBackend, cache: bool = True) -> Me
     key = json.dumps(spec, sort_keys=True, default=str)
     if cache and key in _BACKENDS:
         return _BACKENDS[key]
-    try:
-        backend = METRICS.build(spec)
-    except (RegistryError, BackendUnavailableError):
-        raise
+    backend = METRICS.build(spec)  # RegistryError / BackendUnavailableError carry the message
     if not isinstance(backend, MetricBackend):
         raise EvaluationError(f"metric backend {spec!r} built a {type(backend).__name__}, not a MetricBackend")
     if cache:

@@ -168,13 +168,22 @@ class SIM(Scorer):
 
     def score(self, items, backend, result, ctx):
         values = []
+        references: dict[Path, np.ndarray | ClipSkip] = {}  # prompts are shared across many items
         for item in items:
             try:
                 ref_path = item.speaker_reference
                 if ref_path is None:
                     raise ClipSkip("no reference speaker audio (prompt_audio or reference_audio)")
                 gen = backend.embed_speaker(load_clip(item.audio, backend.sample_rate, ctx.policy))
-                ref = backend.embed_speaker(load_clip(ref_path, backend.sample_rate, ctx.policy, role="reference"))
+                if ref_path not in references:
+                    try:
+                        references[ref_path] = backend.embed_speaker(
+                            load_clip(ref_path, backend.sample_rate, ctx.policy, role="reference"))
+                    except ClipSkip as skip:
+                        references[ref_path] = skip
+                ref = references[ref_path]
+                if isinstance(ref, ClipSkip):
+                    raise ref
             except ClipSkip as skip:
                 self.skip(result, item.id, skip.reason)
                 continue
