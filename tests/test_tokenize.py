@@ -15,7 +15,7 @@ import torch
 
 from unimoe.codecs.base import AudioCodec
 from unimoe.data.manifest import ManifestEntry, ManifestError, write_manifest
-from unimoe.data.shards import ShardError, load_shard, read_index
+from unimoe.data.shards import CodecMismatchError, ShardError, codec_record, compare_codecs, load_shard, read_index
 from unimoe.data.tokenize import TokenizeConfig, tokenize_manifest
 
 SR = 16000
@@ -29,17 +29,19 @@ class FrameEnergyCodec(AudioCodec):
     optional per-call delay to make kill-mid-run tests reliable.
     """
 
-    def __init__(self, sample_rate: int = SR, hop_length: int = 320, cardinality: int = 64, delay_s: float = 0.0):
+    def __init__(self, sample_rate: int = SR, hop_length: int = 320, cardinality: int = 64, delay_s: float = 0.0,
+                 gain: float = 1.0):
         super().__init__()
         self.sample_rate, self.hop_length, self.num_codebooks, self.cardinality = sample_rate, hop_length, 2, cardinality
         self.delay_s = delay_s
+        self.register_buffer("gain", torch.tensor(float(gain)))  # a "weight": not in describe()
 
     def encode(self, wav):
         if self.delay_s:
             time.sleep(self.delay_s)
         B, _, S = wav.shape
         T = self.num_frames(S)
-        x = torch.nn.functional.pad(wav[:, 0], (0, T * self.hop_length - S)).view(B, T, self.hop_length)
+        x = self.gain * torch.nn.functional.pad(wav[:, 0], (0, T * self.hop_length - S)).view(B, T, self.hop_length)
         energy = (10 * torch.log10(x.pow(2).mean(-1) + 1e-10) + 100) / 100  # ~[0, 1]
         zcr = (x[..., 1:].sign() != x[..., :-1].sign()).float().mean(-1)
         q = lambda v: (v.clamp(0, 1) * (self.cardinality - 1)).round().long()
@@ -131,10 +133,11 @@ def test_shard_content_matches_the_codec_and_skips_are_explained(tmp_path):
     assert torch.equal(music["video"], torch.from_numpy(video).permute(0, 3, 1, 2))
 
     index = read_index(tmp_path / "out")
-    assert index["codec"] == codec.describe() and index["num_items"] == 2
+    assert index["codec"] == codec_record(codec) and index["num_items"] == 2
+    assert {k: v for k, v in index["codec"].items() if k != "weights_sha256"} == codec.describe()
     assert index["items"]["id"] == ["ok", "music"] and index["items"]["frames"] == [50, 200]
     assert index["items"]["prompt_frames"] == [100, 0] and index["items"]["video_frames"] == [0, 5]
-    assert load_shard(tmp_path / "out" / "shard-00000.pt")["codec"] == codec.describe()
+    assert load_shard(tmp_path / "out" / "shard-00000.pt")["codec"] == codec_record(codec)
 
 
 def test_changed_codec_or_settings_refused_on_resume(tmp_path):
@@ -144,6 +147,13 @@ def test_changed_codec_or_settings_refused_on_resume(tmp_path):
         tokenize_manifest(m, FrameEnergyCodec(hop_length=160), tmp_path / "out", config=TokenizeConfig(shard_size=5), progress=False)
     with pytest.raises(ShardError, match="another settings"):
         tokenize_manifest(m, FrameEnergyCodec(), tmp_path / "out", config=TokenizeConfig(shard_size=4), progress=False)
+    # same describe(), other weights (e.g. a codec re-fitted on other data): still another codec
+    with pytest.raises(ShardError, match="another codec"):
+        tokenize_manifest(m, FrameEnergyCodec(gain=2.0), tmp_path / "out", config=TokenizeConfig(shard_size=5), progress=False)
+    index = read_index(tmp_path / "out")
+    compare_codecs(index["codec"], FrameEnergyCodec(gain=2.0).describe(), "x")  # describe() alone cannot tell
+    with pytest.raises(CodecMismatchError, match="weights_sha256"):
+        compare_codecs(index["codec"], codec_record(FrameEnergyCodec(gain=2.0)), "x")
     # with overwrite the shards are redone for the new codec
     report = tokenize_manifest(m, FrameEnergyCodec(hop_length=160), tmp_path / "out", config=TokenizeConfig(shard_size=5),
                                overwrite=True, progress=False)

@@ -3,8 +3,9 @@
     unimoe tokenize --manifest corpus/manifests/all.jsonl --codec spectral_rvq --out shards/all
     unimoe tokenize --manifest m.jsonl --codec '{"name": "encodec", "bandwidth": 6.0}' --out shards/m --workers 4
 
-``--codec`` is a registered codec name, an import path, or a JSON/YAML mapping
-(``{"name": ..., ...}`` or ``{"class_path": ..., "init_args": {...}}``). Re-running the
+``--codec`` is a registered codec name, an import path, a JSON/YAML mapping
+(``{"name": ..., ...}`` or ``{"class_path": ..., "init_args": {...}}``), a .yaml file holding
+one, or a fitted ``spectral_rvq`` file (``codec.pt``, from ``unimoe codec fit``). Re-running the
 same command after a crash resumes: finished shards are kept, the rest are encoded.
 """
 
@@ -18,7 +19,12 @@ import yaml
 
 
 def _codec_spec(text: str):
+    """Name / import path / JSON-YAML mapping / .yaml file / fitted ``spectral_rvq`` file (.pt)."""
     text = text.strip()
+    if text.endswith((".pt", ".pth")):
+        if not os.path.isfile(text):
+            raise argparse.ArgumentTypeError(f"--codec file not found: {text}")
+        return {"name": "spectral_rvq", "path": os.path.abspath(text)}
     if text.startswith("{"):
         try:
             spec = yaml.safe_load(text)
@@ -39,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = TokenizeConfig()
     p = argparse.ArgumentParser(prog="unimoe tokenize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifest", required=True, help="JSONL manifest (see docs/data.md)")
-    p.add_argument("--codec", required=True, type=_codec_spec, help="codec spec: name, import path, JSON/YAML mapping or a .yaml file")
+    p.add_argument("--codec", required=True, type=_codec_spec, help="codec: name, import path, JSON/YAML mapping, .yaml file or fitted spectral_rvq .pt")
     p.add_argument("--out", required=True, help="shard directory (created; resumed if it exists)")
     p.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)), help="encoding processes (1: this process)")
     p.add_argument("--shard-size", type=int, default=d.shard_size, help="manifest lines per shard")

@@ -85,7 +85,8 @@ class UniMoEDataModule(L.LightningDataModule):
         train_split / val_split / test_split: shard splits per stage (None: no loader).
         cond_drop_prob: CFG condition-drop probability given to the task builders (training only).
         tasks: extra task-builder arguments per task, e.g. ``{"tts": {"uncond_keep": ["prompt"]}}``.
-        codec: the model codec's ``describe()``; shards made with another codec are refused.
+        codec: the model codec's ``describe()`` (or ``unimoe.data.shards.codec_record(codec)``,
+            which adds a weights hash); shards made with another codec are refused.
         seed: seed of every sampling decision (epochs reshuffle deterministically).
         pad_to_multiple_of: round padded lengths up (tensor-core friendly shapes).
         pin_memory: DataLoader pin_memory.

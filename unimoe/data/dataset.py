@@ -45,8 +45,9 @@ class Example:
 class ShardDataset(Dataset):
     """Examples of one shard directory (one split, optionally some tasks).
 
-    ``expected_codec`` (a codec's ``describe()``) makes a mismatch an immediate error
-    naming the differing fields, instead of a model trained on foreign tokens.
+    ``expected_codec`` (a codec's ``describe()``, or ``codec_record(codec)`` to also compare
+    weights) makes a mismatch an immediate error naming the differing fields, instead of a
+    model trained on foreign tokens.
     """
 
     def __init__(

@@ -4,8 +4,8 @@ A shard directory holds
 
 * ``shard-00000.pt`` ... - ``torch.save`` of a dict (loadable with ``weights_only=True``,
   memory-mapped on read) with ``format``, ``version``, ``codec`` (the codec's
-  ``describe()``), ``fingerprint`` (hash of the manifest lines, settings and codec that
-  produced it), ``shard``, ``items`` (one dict per example: ``id``, ``task``, ``split``,
+  ``describe()`` plus ``weights_sha256``, see :func:`codec_record`), ``fingerprint``
+  (hash of the manifest lines, settings and codec that produced it), ``shard``, ``items`` (one dict per example: ``id``, ``task``, ``split``,
   ``text``, ``speaker``, ``lang``, ``prompt_text``, ``duration``, ``line``, ``meta`` (JSON
   string), ``codes`` int16/int32 ``[C, T]``, ``prompt_codes`` ``[C, Tp]`` or None,
   ``video`` uint8 ``[F, 3, H, W]`` or None, ``video_fps``) and ``skipped`` (``id``, ``line``,
@@ -108,9 +108,35 @@ def read_index(directory: str | Path) -> dict[str, Any]:
     return index
 
 
+WEIGHTS_KEY = "weights_sha256"
+
+
+def codec_record(codec) -> dict[str, Any]:
+    """The codec's ``describe()`` plus a hash of its weights (state dict).
+
+    ``describe()`` gives the shape of the token space; two fits of a corpus-fitted codec
+    share it but not their codebooks, and tokens of one are noise to a model trained on
+    the other. The hash tells them apart.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(codec.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return {**codec.describe(), WEIGHTS_KEY: h.hexdigest()}
+
+
 def compare_codecs(found: dict[str, Any], expected: dict[str, Any], where: str) -> None:
-    """Raise :class:`CodecMismatchError` listing every field where two ``describe()`` dicts differ."""
+    """Raise :class:`CodecMismatchError` listing every field where two codec records differ.
+
+    ``expected`` may be a plain ``describe()`` (then the weights hash is not compared) or a
+    :func:`codec_record` (then it is).
+    """
     keys = sorted(set(found) | set(expected))
+    if WEIGHTS_KEY not in expected:
+        keys = [k for k in keys if k != WEIGHTS_KEY]
     diff = [f"{k}: shards {found.get(k)!r} vs expected {expected.get(k)!r}" for k in keys if found.get(k) != expected.get(k)]
     if diff:
         raise CodecMismatchError(

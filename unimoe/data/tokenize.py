@@ -31,7 +31,7 @@ from unimoe.audio import AudioFileError, load_audio
 from unimoe.data.manifest import ManifestEntry, ManifestError, check_manifest
 from unimoe.data.shards import (
     INDEX_FILE, SETTINGS_FILE, SHARD_FORMAT, SHARD_VERSION, SKIPPED_FILE, ShardError, codes_dtype,
-    load_shard, save_shard, shard_name, write_json,
+    codec_record, load_shard, save_shard, shard_name, write_json,
 )
 from unimoe.data.video import VideoFileError, load_video
 from unimoe.registry import ComponentSpec
@@ -231,7 +231,7 @@ def _init_worker(codec_spec: Any, cfg: TokenizeConfig, out: str, codec_info: dic
 
 def _worker_encode(job: _ShardJob) -> dict[str, Any]:
     w = _WORKER
-    if w["codec"].describe() != w["codec_info"]:
+    if codec_record(w["codec"]) != w["codec_info"]:
         raise RuntimeError("worker built a codec that differs from the main process's (non-deterministic codec spec?)")
     return encode_shard(job, w["codec"], w["cfg"], w["out"], w["codec_info"], tick=lambda: w["ticks"].put(1))
 
@@ -314,7 +314,7 @@ def tokenize_manifest(
     if cfg.splits is not None:
         numbered = [(n, e) for n, e in numbered if e.split in cfg.splits]
     main_codec = build_codec(codec)
-    codec_info = main_codec.describe()
+    codec_info = codec_record(main_codec)
     settings = {"config": asdict(cfg), "codec": codec_info}
     run_info = json.loads(json.dumps({**settings, "manifest": str(manifest),  # JSON form, as stored
                                       "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest()}))
