@@ -93,3 +93,8 @@ def test_cli_reports_bad_input_as_an_error_exit(corpus, tmp_path, capsys):
     assert "no generated clip" in capsys.readouterr().err
     rc = unimoe_main(["evaluate", "--suite", "nosuch", "--manifest", str(corpus["manifest"])])
     assert rc == 2 and "suite file not found" in capsys.readouterr().err
+    suite = tmp_path / "typo.yaml"
+    suite.write_text("name: typo\nmetrics:\n  - {metric: fad, backend: mel_statz}\n")
+    rc = unimoe_main(["evaluate", "--suite", str(suite), "--wavs", str(corpus["wavs"]), "--manifest",
+                      str(corpus["manifest"]), "--out", str(tmp_path / "o2"), "--no-mlflow"])
+    assert rc == 2 and "unknown metric backend 'mel_statz'" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from unimoe.evaluation.errors import EvaluationError
+from unimoe.registry import RegistryError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             experiment=args.experiment, mlflow=not args.no_mlflow, limit=args.limit, split=args.split,
             log=lambda msg: print(msg, file=sys.stderr),
         )
-    except EvaluationError as exc:
+    except (EvaluationError, RegistryError) as exc:  # bad input or config: one clear line, no traceback
         print(f"unimoe evaluate: error: {exc}", file=sys.stderr)
         return 2
     print(to_markdown(report))
