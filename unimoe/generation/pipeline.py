@@ -1,0 +1,128 @@
+"""From a checkpoint file to a working generator, and the evaluation seam.
+
+``load_generator(ckpt)`` rebuilds the model from the checkpoint's own metadata
+(:mod:`unimoe.checkpoint`), builds the codec it names (``CheckpointMetadata.codec``, a
+``CODECS`` spec, unless overridden) and the task builders it was trained with.
+``build_generator(ckpt, **options)`` wraps that as the ``Generator`` protocol of
+:mod:`unimoe.evaluation.runner`: ``generator(requests.jsonl, out_dir) -> manifest``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unimoe.checkpoint import load_model
+from unimoe.generation.generator import GenerationError, Generator
+from unimoe.generation.outputs import write_clips
+from unimoe.generation.requests import read_requests
+from unimoe.generation.settings import GenerationSettings
+from unimoe.registry import ComponentSpec
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` = CUDA when available, else CPU; asking for an absent CUDA is an error."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GenerationError(f"device {device!r} requested but CUDA is not available (use --device cpu)")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` = bf16 on a GPU that supports it, else fp32."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype not in DTYPES:
+        raise GenerationError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def parse_codec_spec(text: str) -> ComponentSpec:
+    """A ``--codec`` value: a JSON object (``{"name": "spectral_rvq", "path": "codec.pt"}``) or a registered name."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise GenerationError(f"--codec is not valid JSON: {exc.msg}: {text}") from exc
+        return spec
+    return text
+
+
+def build_codec(spec: ComponentSpec, source: str):
+    """Build the codec of ``spec`` (every in-tree codec registered first); errors say where the spec came from."""
+    import unimoe.components  # noqa: F401  registers the in-tree codecs
+    from unimoe.registry import CODECS
+
+    try:
+        codec = CODECS.build(spec)
+    except Exception as exc:  # RegistryError, CodecFileError, CodecWeightsError, ImportError...
+        raise GenerationError(f"cannot build the codec {spec!r} ({source}): {exc}") from exc
+    return codec.eval()
+
+
+def load_generator(
+    ckpt_path: str | Path,
+    *,
+    codec: ComponentSpec | None = None,
+    device: str | torch.device = "auto",
+    dtype: str = "auto",
+    settings: GenerationSettings | None = None,
+) -> Generator:
+    """Model + codec + task builders of a unimoe checkpoint, ready to :meth:`Generator.generate`."""
+    ckpt_path = Path(ckpt_path)
+    model, meta = load_model(ckpt_path, map_location="cpu")
+    spec = codec if codec is not None else meta.codec
+    if spec is None:
+        raise GenerationError(f"checkpoint {ckpt_path} names no codec (its CheckpointMetadata.codec is empty); "
+                              f"pass one with --codec '{{\"name\": \"spectral_rvq\", \"path\": \"codec.pt\"}}'")
+    source = "--codec" if codec is not None else f"the codec recorded in {ckpt_path}"
+    codec_model = build_codec(spec, source)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    model.to(device=dev, dtype=dt)
+    codec_model.to(dev)
+    info = {
+        "checkpoint": str(ckpt_path),
+        "checkpoint_stage": meta.stage,
+        "codec": spec,
+        "codec_description": codec_model.describe(),
+        "device": str(dev),
+        "dtype": str(dt).replace("torch.", ""),
+    }
+    return Generator(model, codec_model, settings, builders=meta.tasks, info=info)
+
+
+class CheckpointGenerator:
+    """The evaluation seam: ``generator(requests.jsonl, out_dir) -> out_dir/generated.jsonl``.
+
+    Requests whose inputs cannot be used are skipped (listed in ``skipped.jsonl``) when
+    ``skip_invalid`` (the evaluation runner reports the missing ids), else they raise.
+    """
+
+    def __init__(self, generator: Generator, skip_invalid: bool = True) -> None:
+        self.generator = generator
+        self.skip_invalid = skip_invalid
+
+    def __call__(self, requests: Path, out_dir: Path) -> Path:
+        prepared, skipped = self.generator.prepare(read_requests(requests), skip_invalid=self.skip_invalid)
+        clips = self.generator.generate_prepared(prepared)
+        return write_clips(clips, out_dir, skipped=skipped)
+
+
+def build_generator(ckpt_path: str, **options: Any) -> CheckpointGenerator:
+    """``build_generator(ckpt, device="cpu", codec=spec, dtype="auto", skip_invalid=True, **GenerationSettings fields)``."""
+    device = options.pop("device", "auto")
+    dtype = options.pop("dtype", "auto")
+    codec = options.pop("codec", None)
+    skip_invalid = options.pop("skip_invalid", True)
+    settings = GenerationSettings.from_options(options)
+    generator = load_generator(ckpt_path, codec=codec, device=device, dtype=dtype, settings=settings)
+    return CheckpointGenerator(generator, skip_invalid=skip_invalid)
