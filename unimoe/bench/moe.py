@@ -109,7 +109,7 @@ def layer_with(layer: MoELayer, routed_fn: Callable[..., Tensor]) -> Callable[[T
     def forward(x: Tensor) -> Tensor:
         flat = x.reshape(-1, x.shape[-1])
         route = layer.router(flat)
-        routed_w, shared_w = layer._gate_weights(route)
+        routed_w, shared_w = layer.combine_weights(route)
         y = routed_fn(flat, route.selected, routed_w, layer.experts[0])
         return (y + layer.shared_experts(flat, shared_w)).view_as(x)
 

@@ -95,15 +95,15 @@ class MoELayer(nn.Module):
         mask = None if token_mask is None else token_mask.reshape(b * l).to(torch.bool)  # [T]
         route = self.router(flat, mask)
 
-        routed_w, shared_w = self._gate_weights(route)
+        routed_w, shared_w = self.combine_weights(route)
         y = dispatch(flat, route.selected, routed_w, group_slots(self.experts))  # [T, D]
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat, shared_w)
         info = self._routing_info(route, mask, None if task_ids is None else task_ids.reshape(b * l))
         return y.view(b, l, d), info
 
-    def _gate_weights(self, route: RouterOutput) -> tuple[Tensor, Tensor | None]:
-        """Routed weights [T, E] and shared-expert weights [T, S] (None = unweighted)."""
+    def combine_weights(self, route: RouterOutput) -> tuple[Tensor, Tensor | None]:
+        """Routed weights [T, E] and shared-expert weights [T, S] (None = unweighted) of a routing."""
         if route.shared_logits is None:
             return route.weights, None
         e = self.num_experts
