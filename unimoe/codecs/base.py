@@ -7,14 +7,16 @@ below; everything codec-specific stays behind this interface.
 
 from __future__ import annotations
 
+import itertools
 import math
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
+import torchaudio.functional as AF
 from torch import nn
 
-from unimoe.audio import load_audio
+from unimoe.audio import AudioFileError, load_audio
 
 
 class AudioCodec(nn.Module, ABC):
@@ -44,12 +46,67 @@ class AudioCodec(nn.Module, ABC):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """``codes [B, C, T]`` -> ``wav [B, 1, T * hop_length]`` float at ``sample_rate``."""
 
+    @property
+    def device(self) -> torch.device:
+        """Where the codec's weights live (parameters, else buffers, else CPU)."""
+        tensor = next(itertools.chain(self.parameters(), self.buffers()), None)
+        return tensor.device if tensor is not None else torch.device("cpu")
+
     @torch.no_grad()
     def encode_file(self, path: str | Path) -> torch.Tensor:
-        """Read, mix down, resample and encode one file -> ``codes [C, T]``."""
+        """Read, mix down, resample and encode one file -> ``codes [C, T]``.
+
+        Every failure (missing, corrupt, empty, unencodable) raises ``AudioFileError``
+        naming the file.
+        """
         wav, _ = load_audio(path, sample_rate=self.sample_rate, mono=True)  # [1, S]
-        device = next((p.device for p in self.parameters()), torch.device("cpu"))
-        return self.encode(wav.unsqueeze(0).to(device))[0].cpu()
+        try:
+            return self.encode(wav.unsqueeze(0).to(self.device))[0].cpu()
+        except ValueError as exc:
+            raise AudioFileError(f"cannot encode audio file {path}: {exc}") from exc
+
+    @torch.no_grad()
+    def encode_audio(self, wav: torch.Tensor, sample_rate: int) -> torch.Tensor:
+        """Encode an in-memory clip at any rate: ``wav [S]`` or ``[channels, S]`` -> ``codes [C, T]``.
+
+        Channels are averaged and the clip resampled to ``self.sample_rate`` first, the same
+        path ``encode_file`` takes, so callers holding audio in memory get identical codes.
+        """
+        if wav.dim() == 1:
+            wav = wav.unsqueeze(0)
+        if wav.dim() != 2:
+            raise ValueError(f"encode_audio expects [samples] or [channels, samples], got {tuple(wav.shape)}")
+        wav = wav.float().mean(dim=0, keepdim=True)  # [1, S]
+        if sample_rate != self.sample_rate:
+            wav = AF.resample(wav, orig_freq=sample_rate, new_freq=self.sample_rate)
+        return self.encode(wav.unsqueeze(0).to(self.device))[0].cpu()
+
+    def check_waveform(self, wav: torch.Tensor) -> torch.Tensor:
+        """Validate ``wav [B, 1, S]`` for ``encode``: a clear ``ValueError`` beats a shape error deep inside."""
+        if wav.dim() != 3 or wav.shape[1] != 1:
+            raise ValueError(f"{type(self).__name__}.encode expects a mono batch [B, 1, S], got {tuple(wav.shape)}")
+        if wav.shape[-1] == 0:
+            raise ValueError("cannot encode an empty waveform (0 samples)")
+        if not torch.is_floating_point(wav):
+            raise ValueError(f"waveform must be floating point in [-1, 1], got dtype {wav.dtype}")
+        if not torch.isfinite(wav).all():
+            raise ValueError("waveform contains NaN or infinite samples")
+        return wav
+
+    def check_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Validate ``codes [B, C, T]`` for ``decode``: right codebook count, integer, in ``[0, K)``."""
+        if codes.dim() != 3 or codes.shape[1] != self.num_codebooks:
+            raise ValueError(
+                f"{type(self).__name__}.decode expects codes [B, {self.num_codebooks}, T], got {tuple(codes.shape)}"
+            )
+        if torch.is_floating_point(codes) or codes.dtype == torch.bool:
+            raise ValueError(f"codes must be integers, got dtype {codes.dtype}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.cardinality):
+            raise ValueError(
+                f"codes must lie in [0, {self.cardinality}); got values in [{int(codes.min())}, {int(codes.max())}] "
+                "(strip eos/pad/bos specials before decoding)"
+            )
+        return codes.long()
 
     def describe(self) -> dict:
         """Numbers recorded next to every shard so a mismatched codec is detected on load."""
