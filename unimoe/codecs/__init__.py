@@ -1,0 +1,29 @@
+"""Codec tokenizers: waveform <-> parallel streams of discrete tokens.
+
+Importing this package registers the built-in codecs in :data:`unimoe.registry.CODECS`:
+
+* ``encodec``      - Meta's EnCodec 24 kHz (pretrained weights from a local path or download)
+* ``vocos``        - EnCodec tokens decoded by Vocos (same weight rules)
+* ``spectral_rvq`` - the embedded offline codec fitted on your corpus (no downloads)
+
+Build one with ``CODECS.build({"name": "encodec", "bandwidth": 6.0})``; see ``docs/codecs.md``.
+"""
+
+from unimoe.codecs.base import AudioCodec
+from unimoe.codecs.encodec_codec import ENCODEC_BANDWIDTHS, EncodecCodec
+from unimoe.codecs.spectral_rvq import CodecFileError, SpectralRVQCodec, SpectralRVQConfig, fit_spectral_rvq
+from unimoe.codecs.vocos_codec import VOCOS_BANDWIDTHS, VocosCodec
+from unimoe.codecs.weights import CodecWeightsError
+
+__all__ = [
+    "AudioCodec",
+    "EncodecCodec",
+    "VocosCodec",
+    "SpectralRVQCodec",
+    "SpectralRVQConfig",
+    "fit_spectral_rvq",
+    "CodecWeightsError",
+    "CodecFileError",
+    "ENCODEC_BANDWIDTHS",
+    "VOCOS_BANDWIDTHS",
+]
