@@ -1,5 +1,6 @@
 """Shard dataset, exact sequence lengths, and the DataModule: mixes, budgets, task ids, codec checks."""
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -204,3 +205,60 @@ def test_runs_under_a_lightning_trainer_and_reshuffles_each_epoch(shards):
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
     trainer.fit(probe, datamodule=dm)
     assert len(probe.seen[0]) > 0 and probe.seen[0] != probe.seen[1]
+
+
+def test_several_directories_form_one_source(shards, tmp_path):
+    both = ShardDataset([shards["speech"], shards["music"]], split=None)
+    assert len(both) == 24 + 8 and both[30].id == "mu6" and both[0].id == "sp0"
+    m = write_manifest(tmp_path / "m.jsonl", [ManifestEntry(id="x", task="t2m", audio=tone(tmp_path / "x.wav", 1.0), text="x")])
+    tokenize_manifest(m, FrameEnergyCodec(hop_length=160), tmp_path / "other", progress=False)
+    with pytest.raises(CodecMismatchError, match="hop_length"):
+        ShardDataset([shards["music"], tmp_path / "other"], split=None)
+
+
+
+class DDPProbe(L.LightningModule):
+    """Writes, per rank, the codes checksum of every training batch (module level: picklable for spawn)."""
+
+    def __init__(self, out_dir):
+        super().__init__()
+        self.out_dir = str(out_dir)
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def training_step(self, batch, batch_idx):
+        with open(f"{self.out_dir}/rank{self.global_rank}.txt", "a") as fh:
+            fh.write(f"{self.current_epoch} {int(batch.audio_codes.sum())} {batch.batch_size}\n")
+        return (self.w - batch.audio_codes.float().mean()) ** 2
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_ddp_ranks_get_their_own_equal_share(shards, tmp_path):
+    dm = UniMoEDataModule(sources=shards, model=MODEL, max_tokens=600, mix="raw", seed=4, val_split=None, cond_drop_prob=0.0)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False)
+    trainer.fit(DDPProbe(tmp_path), datamodule=dm)
+    ranks = [(tmp_path / f"rank{r}.txt").read_text().split("\n")[:-1] for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) > 0
+    # the two ranks' batches are the two interleaved halves of the single-process plan
+    dm.setup("fit")
+    plan = list(dm.train_batch_sampler())
+    data = dm._data["train"]
+    maker = dm.maker(train=True)
+    sums = [int(maker([data.concat[i] for i in b]).audio_codes.sum()) for b in plan]
+    assert [int(l.split()[1]) for l in ranks[0]] == sums[0::2][: len(ranks[0])]
+    assert [int(l.split()[1]) for l in ranks[1]] == (sums[1::2] + sums[:1])[: len(ranks[1])]
+
+
+
+def test_ddp_with_lightning_distributed_sampler_is_refused(shards):
+    from types import SimpleNamespace
+
+    dm = _module(shards)
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=1, _accelerator_connector=SimpleNamespace(use_distributed_sampler=True))
+    with pytest.raises(RuntimeError, match="use_distributed_sampler=False"):
+        dm.train_dataloader()
+    dm.trainer._accelerator_connector.use_distributed_sampler = False
+    assert dm.train_dataloader().batch_sampler.rank == 1

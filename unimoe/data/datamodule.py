@@ -143,10 +143,8 @@ class UniMoEDataModule(L.LightningDataModule):
         if which not in self._data:
             datasets = {}
             for name, dirs in self.sources.items():
-                parts = [ShardDataset(d, split=split, expected_codec=self.expected_codec) for d in dirs]
-                for part in parts:
-                    self._check_codec(part)
-                datasets[name] = parts[0] if len(parts) == 1 else _Joined(parts)
+                datasets[name] = ShardDataset(dirs, split=split, expected_codec=self.expected_codec)
+                self._check_codec(datasets[name])
             self._data[which] = _Split(datasets, self.maker(train=which == "train"), self.model_config.max_seq_len, self.max_tokens)
         return self._data[which]
 
@@ -240,27 +238,6 @@ class _Fixed:
 
     def __len__(self) -> int:
         return len(self.indices)
-
-
-class _Joined(ShardDataset):
-    """Several shard directories of one source seen as one dataset."""
-
-    def __init__(self, parts: list[ShardDataset]) -> None:  # noqa: super().__init__ not wanted
-        self.parts = parts
-        self.directory = parts[0].directory
-        self.split = parts[0].split
-        self.codec_info = parts[0].codec_info
-        self.rows = {k: [v for p in parts for v in p.rows.get(k, [])] for k in parts[0].rows}
-        self._starts = np.cumsum([0] + [len(p) for p in parts])
-
-    def __getitem__(self, i: int):
-        k = int(np.searchsorted(self._starts, i, side="right") - 1)
-        example = self.parts[k][i - int(self._starts[k])]
-        example.index = i
-        return example
-
-    def __getstate__(self) -> dict:
-        return dict(self.__dict__)
 
 
 def _model_config(model: Union[str, AudioLMConfig, Dict[str, Any]]) -> AudioLMConfig:

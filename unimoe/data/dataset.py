@@ -43,8 +43,9 @@ class Example:
 
 
 class ShardDataset(Dataset):
-    """Examples of one shard directory (one split, optionally some tasks).
+    """Examples of one or more shard directories (one split, optionally some tasks).
 
+    Several directories (e.g. one per tokenisation run of a source) must share a codec.
     ``expected_codec`` (a codec's ``describe()``, or ``codec_record(codec)`` to also compare
     weights) makes a mismatch an immediate error naming the differing fields, instead of a
     model trained on foreign tokens.
@@ -52,31 +53,44 @@ class ShardDataset(Dataset):
 
     def __init__(
         self,
-        directory: str | Path,
+        directory: str | Path | Sequence[str | Path],
         split: str | None = "train",
         tasks: Sequence[str] | None = None,
         expected_codec: dict[str, Any] | None = None,
         max_open_shards: int = 16,
     ) -> None:
-        self.directory = Path(directory)
-        index = read_index(self.directory)
-        self.codec_info: dict[str, Any] = index["codec"]
-        if expected_codec is not None:
-            compare_codecs(self.codec_info, expected_codec, str(self.directory))
-        self.shard_files = [shard["file"] for shard in index["shards"]]
-        missing = [f for f in self.shard_files if not (self.directory / f).is_file()]
-        if missing:
-            raise ShardError(f"{self.directory}: index.json lists shards that are missing: {', '.join(missing[:5])}")
-        columns: dict[str, list] = index["items"]
-        n = index["num_items"]
-        keep = [
-            i for i in range(n)
-            if (split is None or columns["split"][i] == split) and (tasks is None or columns["task"][i] in tasks)
-        ]
+        dirs = [directory] if isinstance(directory, (str, Path)) else list(directory)
+        if not dirs:
+            raise ValueError("ShardDataset needs at least one shard directory")
+        self.directories = [Path(d) for d in dirs]
+        self.directory = self.directories[0]
         self.split = split
-        self.rows: dict[str, list] = {key: [values[i] for i in keep] for key, values in columns.items()} if n else {}
+        self.codec_info: dict[str, Any] | None = None
+        self.shard_files: list[list[str]] = []
+        self.rows: dict[str, list] = {}
+        for k, d in enumerate(self.directories):
+            index = read_index(d)
+            if expected_codec is not None:
+                compare_codecs(index["codec"], expected_codec, str(d))
+            if self.codec_info is None:
+                self.codec_info = index["codec"]
+            else:
+                compare_codecs(index["codec"], self.codec_info, f"{d} (vs {self.directory})")
+            files = [shard["file"] for shard in index["shards"]]
+            missing = [f for f in files if not (d / f).is_file()]
+            if missing:
+                raise ShardError(f"{d}: index.json lists shards that are missing: {', '.join(missing[:5])}")
+            self.shard_files.append(files)
+            columns: dict[str, list] = index["items"]
+            keep = [
+                i for i in range(index["num_items"])
+                if (split is None or columns["split"][i] == split) and (tasks is None or columns["task"][i] in tasks)
+            ]
+            for key, values in columns.items():
+                self.rows.setdefault(key, []).extend(values[i] for i in keep)
+            self.rows.setdefault("dir", []).extend([k] * len(keep))
         self.max_open_shards = max_open_shards
-        self._open: OrderedDict[int, dict] = OrderedDict()
+        self._open: OrderedDict[tuple[int, int], dict] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.rows.get("id", []))
@@ -89,25 +103,27 @@ class ShardDataset(Dataset):
     def tasks(self) -> list[str]:
         return self.rows.get("task", [])
 
-    def _shard(self, shard: int) -> dict:
-        payload = self._open.get(shard)
+    def _shard(self, d: int, shard: int) -> dict:
+        key = (d, shard)
+        payload = self._open.get(key)
         if payload is None:
-            payload = load_shard(self.directory / self.shard_files[shard], mmap=True)
-            self._open[shard] = payload
+            payload = load_shard(self.directories[d] / self.shard_files[d][shard], mmap=True)
+            self._open[key] = payload
             while len(self._open) > self.max_open_shards:
                 self._open.popitem(last=False)
         else:
-            self._open.move_to_end(shard)
+            self._open.move_to_end(key)
         return payload
 
     def __getitem__(self, i: int) -> Example:
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} examples in {self.directory}")
         row = self.row(i)
-        item = self._shard(row["shard"])["items"][row["pos"]]
+        item = self._shard(row["dir"], row["shard"])["items"][row["pos"]]
         if item["id"] != row["id"]:
-            raise ShardError(f"{self.directory}: shard {row['shard']} position {row['pos']} holds {item['id']!r}, "
-                             f"index.json says {row['id']!r}; the folder was modified after tokenisation, re-run it")
+            raise ShardError(f"{self.directories[row['dir']]}: shard {row['shard']} position {row['pos']} holds "
+                             f"{item['id']!r}, index.json says {row['id']!r}; the folder was modified after "
+                             f"tokenisation, re-run it")
         return Example(
             index=i, id=item["id"], task=item["task"], codes=item["codes"].long(), text=item["text"],
             prompt_codes=item["prompt_codes"].long() if item["prompt_codes"] is not None else None,
