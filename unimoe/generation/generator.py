@@ -26,7 +26,7 @@ from unimoe.generation.requests import GenerationRequest
 from unimoe.generation.sampling import CodebookSampling
 from unimoe.generation.settings import GenerationSettings, frames_for
 from unimoe.model.delay import segment_to_codes
-from unimoe.model.tasks import TaskBuilder, build_task_builder
+from unimoe.model.tasks import TASK_IDS, TaskBuilder, build_task_builder
 from unimoe.registry import ComponentSpec
 
 log = logging.getLogger("unimoe.generation")
@@ -147,6 +147,9 @@ class Generator:
         return prepared, skipped
 
     def _task_builder(self, request: GenerationRequest) -> TaskBuilder:
+        if request.task not in TASK_IDS and request.task not in self._builder_specs:
+            raise InputError(f"request {request.id!r} ({request.source}): field 'task': unknown task "
+                             f"{request.task!r}; known tasks: {', '.join(TASK_IDS)}")
         try:
             return self.builder(request.task)
         except (ValueError, KeyError) as exc:  # unknown task (RegistryError), v2m without a vision encoder

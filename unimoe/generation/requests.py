@@ -100,10 +100,12 @@ def read_requests(path: str | Path) -> list[GenerationRequest]:
             continue
         request, errors = _parse(obj, where, path.parent, tasks)
         problems += errors
+        rid = obj.get("id") if isinstance(obj, dict) else None
+        if isinstance(rid, str) and rid:
+            if rid in seen:
+                problems.append(f"{where}: field 'id': duplicate id {rid!r} (first on line {seen[rid]})")
+            seen.setdefault(rid, number)
         if request is not None:
-            if request.id in seen:
-                problems.append(f"{where}: field 'id': duplicate id {request.id!r} (first on line {seen[request.id]})")
-            seen.setdefault(request.id, number)
             requests.append(request)
     if not requests and not problems:
         problems.append(f"{path}: no requests (the file is empty)")

@@ -38,7 +38,7 @@ def mask_specials(logits: Tensor, specials: CodecSpecials, eos_codebook: int, al
     out[:, :, specials.bos] = float("-inf")
     eos_is_top = out[:, eos_codebook].argmax(-1) == specials.eos  # [N]
     keep_eos = allow_eos & eos_is_top
-    eos_logit = out[:, eos_codebook, specials.eos]
+    eos_logit = out[:, eos_codebook, specials.eos].clone()  # a copy: the next line overwrites the view
     out[:, :, specials.eos] = float("-inf")
     out[:, eos_codebook, specials.eos] = torch.where(keep_eos, eos_logit, torch.full_like(eos_logit, float("-inf")))
     return out
