@@ -118,8 +118,11 @@ def test_video_colour_follows_mood(mood):
 def test_rerun_reuses_files_and_is_deterministic(corpus):
     out, first = corpus
     before = (out / "manifests" / "all.jsonl").read_text()
+    leftover = out / "speech" / "spk000" / ".tts-spk000-00099.espeak-4242.wav"  # a killed run's temporary
+    leftover.write_bytes(b"RIFF")
     again = build_demo_corpus(out, DemoConfig(**TINY), workers=2, progress=False)
     assert again.made == 0 and again.reused == 21
+    assert not leftover.exists()
     assert (out / "manifests" / "all.jsonl").read_text() == before
 
 

@@ -215,6 +215,14 @@ def _check_config(out: Path, cfg: DemoConfig) -> None:
         )
 
 
+def _remove_stale_temporaries(out: Path) -> None:
+    """Half-written files of a killed run (dot-prefixed temporaries) are never kept."""
+    for folder in ("speech", "music", "video", "manifests"):
+        for path in (out / folder).rglob(".*"):
+            if path.is_file() and any(tag in path.name for tag in (".tmp", ".espeak-", ".render-")):
+                path.unlink(missing_ok=True)
+
+
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
@@ -241,6 +249,7 @@ def build_demo_corpus(
     soundfont = music.find_soundfont()
     speech.require_tool("fluidsynth", "fluidsynth")
     _write_json(out / "corpus.json", {"version": CORPUS_VERSION, "config": asdict(cfg), "status": "building"})
+    _remove_stale_temporaries(out)
     start = time.perf_counter()
     speech_jobs, music_jobs = plan(cfg, out)
     workers = workers or max(1, os.cpu_count() or 1)
