@@ -8,7 +8,7 @@ mel spectrogram (:class:`unimoe.codecs.spectral.LogMel`). The fitted codec is on
     {"format": "unimoe.spectral_rvq", "version": 1,
      "config": {sample_rate, hop_length, n_fft, n_mels, f_min, f_max, num_codebooks,
                 codebook_size, log_floor},
-     "mean": [M], "std": [M],            # per-band standardisation of the log-mel frames
+     "mean": [M], "std": [M],            # standardisation of the log-mel frames (per-band mean, one scale)
      "codebooks": [C, K, M],             # residual k-means centroids, in standardised units
      "fit": {...}}                       # provenance: files, frames, seed, seconds, distortion
 
@@ -259,8 +259,8 @@ def fit_spectral_rvq(
     """Fit a ``spectral_rvq`` codec on audio folders / JSONL manifests / files.
 
     Streams over the files once (resampled to ``config.sample_rate``, mixed to mono),
-    keeps a uniform sample of at most ``max_frames`` log-mel frames, standardises each band
-    and fits ``num_codebooks`` residual k-means codebooks of ``codebook_size``. Unreadable
+    keeps a uniform sample of at most ``max_frames`` log-mel frames, centres each band and
+    scales all by one deviation, and fits ``num_codebooks`` residual k-means codebooks of ``codebook_size``. Unreadable
     files raise ``AudioFileError`` naming the file. Deterministic for a given ``seed``.
     """
     config = (config or SpectralRVQConfig()).validate()
@@ -283,7 +283,9 @@ def fit_spectral_rvq(
             f"{config.codebook_size}; give more audio or a smaller codebook_size"
         )
     mean = frames.mean(0)  # [M]
-    std = frames.std(0).clamp_min(1e-3)  # [M]; constant bands (e.g. above a low-pass) stay finite
+    # One scale for all bands keeps k-means' distance an unweighted log-spectral distance;
+    # per-band scaling would inflate near-constant (quiet, high) bands and measured worse.
+    std = frames.sub(mean).pow(2).mean().sqrt().clamp_min(1e-3).expand_as(mean).clone()  # [M]
     z = (frames - mean) / std
     bar = tqdm(total=config.num_codebooks, desc="spectral_rvq: fitting codebooks", unit="codebook", disable=not progress)
     with bar:
