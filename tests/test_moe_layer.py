@@ -10,6 +10,7 @@ with unimoe.moe; it only reads the layer's parameter tensors.
 from __future__ import annotations
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -102,7 +103,7 @@ CASES = [
 @pytest.mark.parametrize("rule,k_or_p,null,shared,gating,padded", CASES)
 @pytest.mark.parametrize("impl", ["auto", "loop"])
 def test_layer_matches_per_token_reference(rule, k_or_p, null, shared, gating, padded, impl):
-    torch.manual_seed(hash((rule, k_or_p, null, shared, gating, padded)) % 1000)
+    torch.manual_seed(zlib.crc32(repr((rule, k_or_p, null, shared, gating, padded)).encode()))
     router = {"name": rule, ("top_p" if rule == "top_p" else "top_k"): k_or_p, "jitter": 0.0}
     cfg = MoEConfig(
         num_routed_experts=E_ROUTED,

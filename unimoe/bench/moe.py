@@ -159,18 +159,20 @@ def fwd_bwd(fn: Callable[[], Tensor], grad_out: Tensor, params: list[Tensor]) ->
 
 # ---------------------------------------------------------------------- the benchmark
 def build(cfg: MoEBenchConfig, device: torch.device, dtype: torch.dtype) -> MoELayer:
+    """The benchmarked layer: the paper's layout with a biased (skewed) top-p router."""
+    e_dyn = cfg.routed_experts + cfg.null_experts
+    bias = torch.zeros(e_dyn + cfg.shared_experts)
+    bias[: cfg.routed_experts] = cfg.skew * torch.linspace(1.0, -1.0, cfg.routed_experts)
+    router = BiasedTopPRouter(cfg.hidden, e_dyn, cfg.shared_experts, top_p=cfg.top_p, jitter=0.0, bias=bias)
     moe = MoEConfig(
         num_routed_experts=cfg.routed_experts,
         routed_intermediate_size=cfg.routed_intermediate,
         num_null_experts=cfg.null_experts,
         num_shared_experts=cfg.shared_experts,
         shared_intermediate_size=cfg.shared_intermediate,
+        router=router,  # a built component passes through the registry unchanged
     )
-    e_dyn = cfg.routed_experts + cfg.null_experts
-    bias = torch.zeros(e_dyn + cfg.shared_experts)
-    bias[: cfg.routed_experts] = cfg.skew * torch.linspace(1.0, -1.0, cfg.routed_experts)
-    router = BiasedTopPRouter(cfg.hidden, e_dyn, cfg.shared_experts, top_p=cfg.top_p, jitter=0.0, bias=bias)
-    layer = build_moe_layer(cfg.hidden, MoEConfig(**{**asdict(moe), "load_balance": moe.load_balance, "router": router}))
+    layer = build_moe_layer(cfg.hidden, moe)
     with torch.no_grad():
         layer.router.gate.weight.mul_(cfg.router_scale)
     return layer.to(device=device, dtype=dtype)
