@@ -11,6 +11,7 @@ import sys
 # name -> ("module:function" taking argv and returning an exit code, one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "moe": ("unimoe.bench.moe:main", "MoE layer forward+backward: ours vs loop / padded / ideal, null-expert saving"),
+    "generate": ("unimoe.bench.generate:main", "decoding frames/s and RTF: KV cache vs recompute, lowered router top-p"),
 }
 
 
