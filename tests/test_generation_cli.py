@@ -12,6 +12,7 @@ from test_generation_helpers import HOP, SR, write_checkpoint
 
 from unimoe.commands.generate import main
 from unimoe.evaluation.runner import Generator as GeneratorProtocol
+from unimoe.evaluation.runner import load_checkpoint_generator
 from unimoe.generation import build_generator
 
 FAST = ["--max-seconds", "0.08", "--device", "cpu", "--seed", "3"]
@@ -85,6 +86,9 @@ def test_batch_requests_all_tasks(ckpt, tmp_path):
 def test_evaluation_seam_skips_unservable_requests(ckpt, tmp_path):
     generator = build_generator(str(ckpt), device="cpu", max_seconds=0.05, temperature=0.0)
     assert isinstance(generator, GeneratorProtocol)
+    assert callable(load_checkpoint_generator(ckpt, device="cpu"))  # what 'unimoe evaluate --ckpt' calls
+    with pytest.raises(ValueError, match="unknown generation setting"):
+        build_generator(str(ckpt), device="cpu", temprature=1.0)
     requests = tmp_path / "req.jsonl"
     requests.write_text(json.dumps({"id": "ok", "task": "t2m", "text": "drums", "audio": "ref.wav"}) + "\n"
                         + json.dumps({"id": "bad", "task": "tts", "text": "hi", "prompt_audio": "missing.wav"}) + "\n")

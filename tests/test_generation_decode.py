@@ -188,6 +188,8 @@ def test_routing_statistics_equal_a_replay_through_the_model():
         ref += torch.stack([info.mean_active_real for info in routing])
     assert int(out.expert_tokens[0]) == seg.shape[1] - 2
     assert torch.allclose(out.expert_sums[0], ref)
+    off = decode(model, cond[:1], None, sampling(temperature=0.0), max_frames=[10], routing_stats=False)
+    assert off.expert_sums is None and torch.equal(off.segments[0], seg)
 
 
 def test_codec_receives_undelayed_frames():

@@ -69,13 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, help=f"requests decoded together (default {_DEFAULTS.batch_size})")
     s.add_argument("--no-cache", dest="use_cache", action="store_false", default=None,
                    help="recompute the full sequence every step (slow; a reference)")
+    s.add_argument("--no-routing-stats", dest="routing_stats", action="store_false", default=None,
+                   help="do not count activated experts per token (saves a host sync per MoE layer and step on GPU)")
     p.add_argument("--skip-invalid", action="store_true",
                    help="with --requests: skip requests whose inputs are unusable (listed in skipped.jsonl) instead of failing")
     return p
 
 
 SETTING_ARGS = ("seed", "temperature", "top_k", "top_p", "cfg_scale", "router_top_p", "max_seconds", "min_seconds",
-                "max_prompt_seconds", "batch_size", "use_cache")
+                "max_prompt_seconds", "batch_size", "use_cache", "routing_stats")
 
 
 def main(argv: list[str] | None = None) -> int:

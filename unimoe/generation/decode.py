@@ -108,6 +108,7 @@ def decode(
     min_frames: int = 0,
     use_cache: bool = True,
     generators: list[torch.Generator] | None = None,
+    routing_stats: bool = True,
     keep_trace: bool = False,
 ) -> DecodeOutput:
     """Generate the target segment of every prompt (``prefix()`` sequences ending in the BOS frame).
@@ -115,7 +116,9 @@ def decode(
     ``uncond_prompts`` (same order, or None) enables CFG with ``cfg_scale``. ``max_frames``
     is per request; ``min_frames`` forbids EOS earlier (at least one frame is always made).
     ``generators`` (one per request, on the model's device) make sampling independent of
-    the batch. The model should be in eval mode; the caller sets the router top-p.
+    the batch. ``routing_stats=False`` skips the per-row expert counts (on a GPU they cost a
+    host sync per MoE layer and step). The model should be in eval mode; the caller sets the
+    router top-p.
     """
     cfg = model.config
     specials = model.specials
@@ -158,7 +161,7 @@ def decode(
     forced_end = torch.zeros(n, dtype=torch.bool, device=device)
     gens = list(generators) if generators is not None else None
     segments: list[Tensor | None] = [None] * n
-    counted = cfg.moe is not None
+    counted = cfg.moe is not None and routing_stats
     expert_sums = torch.zeros(n, sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers)), device=device) if counted else None
     expert_tokens = torch.zeros(n, device=device) if counted else None
     trace: list[StepTrace] = []
@@ -211,15 +214,16 @@ def decode(
 
         # Next step: feed the chosen frame to the cond and uncond rows of each live request.
         m = alive.shape[0]
-        row_ids = torch.arange(m * rows_per_request, device=device)
+        row_ids = torch.arange(m * rows_per_request, device=device) if counted else None
         fed = tokens.repeat(rows_per_request, 1)  # [R, C]
         if cache is not None:
             out = model.step(fed, cache, task_ids=row_ids)
         else:
             full = append_frames(batch, frames[alive.repeat(rows_per_request), :, 1 : step + 1])
-            task_ids = torch.full_like(full.task_ids, -1)
-            task_ids.scatter_(1, (full.lengths - 1).unsqueeze(1), row_ids.unsqueeze(1))  # count the new token only
-            full.task_ids = task_ids
+            if counted:
+                task_ids = torch.full_like(full.task_ids, -1)
+                task_ids.scatter_(1, (full.lengths - 1).unsqueeze(1), row_ids.unsqueeze(1))  # count the new token only
+                full.task_ids = task_ids
             out = model(full, logits="last")
         logits = out.logits[:, -1] if out.logits.dim() == 4 else out.logits  # [R, C, V]
         if counted:

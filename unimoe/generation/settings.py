@@ -44,6 +44,8 @@ class GenerationSettings:
     """Override the MoE routers' top-p while generating (adaptive compute); None = trained value."""
     use_cache: bool = True
     """KV-cache decoding; False recomputes the whole sequence every step (reference / benchmark)."""
+    routing_stats: bool = True
+    """Count activated experts per token for the sidecar (on a GPU: one host sync per MoE layer and step)."""
     seed: int = 0
     """Seed of the first request; request i of a run uses ``seed + i`` unless it names its own."""
     batch_size: int = 8
