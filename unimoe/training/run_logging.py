@@ -4,7 +4,8 @@ MLflow >= 3.7 refuses a plain ``file:./mlruns`` store, and Lightning's default M
 logger would create one, so every run gets ``sqlite:///<run dir>/mlflow.db`` plus an
 explicit artifact folder. No server is needed; ``mlflow ui --backend-store-uri
 sqlite:///<run dir>/mlflow.db`` browses it. The run id is remembered in the run directory
-so a resumed stage keeps logging into the same MLflow run.
+so a resumed stage keeps logging into the same MLflow run. A curriculum passes its root as
+the store directory, so all its stages are runs of one experiment in one store.
 """
 
 from __future__ import annotations
@@ -32,10 +33,18 @@ def mlflow_logger_for(
     run_name: str | None = None,
     resume: bool = False,
     tracking_uri: str | None = None,
+    store_dir: str | Path | None = None,
 ) -> MLFlowLogger:
-    """An MLFlowLogger writing into ``run_dir``; with ``resume`` it reopens the last run."""
+    """An MLFlowLogger for ``run_dir``; with ``resume`` it reopens the run recorded there.
+
+    The store (``mlflow.db`` + ``mlartifacts/``) lives in ``store_dir`` when given (the
+    curriculum root, shared by all its stages), else in ``run_dir``. The run id is always
+    remembered in ``run_dir``.
+    """
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    store = Path(store_dir).resolve() if store_dir is not None else run_dir
+    store.mkdir(parents=True, exist_ok=True)
     run_id = None
     id_file = run_dir / RUN_ID_FILE
     if resume and id_file.exists():
@@ -43,8 +52,8 @@ def mlflow_logger_for(
     logger = MLFlowLogger(
         experiment_name=experiment_name,
         run_name=run_name or run_dir.name,
-        tracking_uri=tracking_uri or tracking_uri_for(run_dir),
-        artifact_location=(run_dir / "mlartifacts").as_uri(),
+        tracking_uri=tracking_uri or tracking_uri_for(store),
+        artifact_location=(store / "mlartifacts").as_uri(),
         run_id=run_id,
     )
     return logger

@@ -1,0 +1,16 @@
+"""Training callbacks: routing monitoring, audio samples, and the final checkpoint of a stage."""
+
+from unimoe.training.callbacks.audio_samples import AudioSamples
+from unimoe.training.callbacks.expert_load import ExpertLoadMonitor, RoutingTotals, expert_labels_for
+from unimoe.training.callbacks.finalize import DONE_MARKER, FINAL_CHECKPOINT, FINAL_METRICS, StageFinalizer
+
+__all__ = [
+    "AudioSamples",
+    "ExpertLoadMonitor",
+    "RoutingTotals",
+    "StageFinalizer",
+    "expert_labels_for",
+    "DONE_MARKER",
+    "FINAL_CHECKPOINT",
+    "FINAL_METRICS",
+]

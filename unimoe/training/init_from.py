@@ -1,0 +1,153 @@
+"""Initialise a stage's model from another stage's checkpoint (weights only, step 0).
+
+This is deliberately separate from Lightning's ``ckpt_path``: ``ckpt_path`` resumes the
+*same* stage (optimizer, step, loops, and since Lightning 2.5 its saved hyper-parameters
+including the module class), while ``init_from`` starts a *new* stage from the previous
+stage's weights with a fresh optimizer and schedule. The two are mutually exclusive
+(see :mod:`unimoe.training.cli`).
+
+Rules, applied to the checkpoint's AudioLM state-dict keys (``model.`` prefix stripped):
+
+1. ``remap``: ordered ``{regex: replacement}`` rewrites of checkpoint keys (``re.sub``);
+2. ``include`` / ``exclude``: ``fnmatch`` globs on the rewritten keys (include first);
+3. every kept key must exist in the model with the same shape; with ``strict`` every model
+   parameter and persistent buffer must also be covered (errors list the offending keys).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+from torch import nn
+
+from unimoe.checkpoint import CheckpointError, CheckpointMetadata, model_state_dict, read_checkpoint, read_metadata
+
+
+@dataclass
+class InitFrom:
+    """Where a stage's initial weights come from, and which ones.
+
+    path:    a unimoe checkpoint (a stage's ``.ckpt`` or ``unimoe upcycle`` output)
+    include: globs of checkpoint keys to load (after ``remap``); default all
+    exclude: globs of checkpoint keys to skip
+    remap:   ordered ``{regex: replacement}`` applied to checkpoint keys before matching
+    strict:  every model parameter/buffer must be initialised from the checkpoint
+    """
+
+    path: str
+    include: List[str] = field(default_factory=lambda: ["*"])
+    exclude: List[str] = field(default_factory=list)
+    remap: Dict[str, str] = field(default_factory=dict)
+    strict: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, (str, Path)) or not str(self.path):
+            raise ValueError(f"init_from.path must be a checkpoint path, got {self.path!r}")
+        self.path = str(self.path)
+        for pattern in self.remap:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"init_from.remap: {pattern!r} is not a valid regular expression: {exc}") from exc
+
+    @classmethod
+    def coerce(cls, value: Union[None, str, Path, Dict[str, Any], "InitFrom"]) -> Optional["InitFrom"]:
+        """``None`` / a path / a mapping / an :class:`InitFrom` -> ``InitFrom`` or None."""
+        if value is None or isinstance(value, InitFrom):
+            return value
+        if isinstance(value, (str, Path)):
+            return cls(path=str(value))
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - {"path", "include", "exclude", "remap", "strict"})
+            if unknown:
+                raise ValueError(f"init_from: unknown field(s) {unknown}; known: path, include, exclude, remap, strict")
+            return cls(**value)
+        raise ValueError(f"init_from must be a checkpoint path or a mapping, got {type(value).__name__}")
+
+
+@dataclass
+class InitReport:
+    """What :func:`load_initial_weights` did (logged by the stage)."""
+
+    path: str
+    loaded: List[str]
+    skipped: List[str]
+    not_initialised: List[str]
+
+    def summary(self) -> str:
+        text = f"init_from {self.path}: loaded {len(self.loaded)} tensors"
+        if self.skipped:
+            text += f", skipped {len(self.skipped)} by include/exclude"
+        if self.not_initialised:
+            text += f", {len(self.not_initialised)} model tensors keep their fresh init ({_preview(self.not_initialised)})"
+        return text
+
+
+def read_init_checkpoint(spec: InitFrom) -> tuple[CheckpointMetadata, dict[str, torch.Tensor]]:
+    """The metadata and AudioLM state dict of ``spec.path`` (CheckpointError names the file)."""
+    checkpoint = read_checkpoint(spec.path)
+    metadata = read_metadata(checkpoint, spec.path)
+    state = model_state_dict(checkpoint)
+    if not state:
+        raise CheckpointError(f"{spec.path} holds no model weights (no 'model.*' keys in its state_dict)")
+    return metadata, state
+
+
+def select_weights(spec: InitFrom, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Apply ``remap`` then ``include``/``exclude`` -> (kept ``{new key: tensor}``, skipped new keys)."""
+    kept: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
+    for key, value in state.items():
+        new = key
+        for pattern, replacement in spec.remap.items():
+            new = re.sub(pattern, replacement, new)
+        wanted = any(fnmatch.fnmatchcase(new, p) for p in spec.include) and not any(
+            fnmatch.fnmatchcase(new, p) for p in spec.exclude
+        )
+        if not wanted:
+            skipped.append(new)
+            continue
+        if new in kept:
+            raise ValueError(f"init_from.remap maps two checkpoint keys onto {new!r} ({spec.path})")
+        kept[new] = value
+    return kept, skipped
+
+
+def load_initial_weights(model: nn.Module, spec: InitFrom, state: dict[str, torch.Tensor] | None = None) -> InitReport:
+    """Copy the selected checkpoint tensors into ``model`` (in place, no grad)."""
+    if state is None:
+        _, state = read_init_checkpoint(spec)
+    kept, skipped = select_weights(spec, state)
+    own = model.state_dict()
+    unexpected = sorted(k for k in kept if k not in own)
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(kept[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in kept
+        if k in own and kept[k].shape != own[k].shape
+    )
+    missing = sorted(k for k in own if k not in kept)
+    problems = []
+    if unexpected:
+        problems.append(f"{len(unexpected)} checkpoint key(s) the model does not have: {_preview(unexpected)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es): {_preview(mismatched)}")
+    if spec.strict and missing:
+        problems.append(
+            f"{len(missing)} model key(s) not in the checkpoint (set init_from.strict: false or adjust "
+            f"include/exclude/remap): {_preview(missing)}"
+        )
+    if problems:
+        raise ValueError(f"init_from {spec.path} does not fit the model: " + "; ".join(problems))
+    with torch.no_grad():
+        for key, value in kept.items():
+            own[key].copy_(value.to(own[key].dtype))
+    return InitReport(path=spec.path, loaded=sorted(kept), skipped=skipped, not_initialised=missing)
+
+
+def _preview(items: list[str], n: int = 6) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
