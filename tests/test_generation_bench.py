@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_generation_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 from unimoe.bench.generate import GenerateBenchConfig, run
 from unimoe.commands.bench import BENCHMARKS, main

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
-from test_generation_helpers import HOP, SR, write_checkpoint
+from test_generation_helpers import HOP, SR, one_thread, write_checkpoint  # noqa: F401
 
 from unimoe.commands.generate import main
 from unimoe.evaluation.runner import Generator as GeneratorProtocol
@@ -114,6 +114,8 @@ def test_bad_inputs_give_clear_errors(ckpt, tmp_path, capsys):
     assert "prompt_audio" in err and "junk.wav" in err
     err = run_error(["--ckpt", str(ckpt), "--task", "tts", "--text", "  ", *out], capsys)
     assert "'text'" in err and "empty" in err
+    err = run_error(["--ckpt", str(ckpt), "--task", "t2m", "--text", "la " * 400, *out], capsys)
+    assert "request 'clip'" in err and "max_seq_len=1024" in err  # the tiny presets hold 1024 positions
     err = run_error(["--ckpt", str(ckpt), "--task", "t2s", "--text", "x", *out], capsys)
     assert "unknown task 't2s'" in err
     err = run_error(["--ckpt", str(ckpt), "--task", "v2m", "--text", "x", *out], capsys)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_generation_helpers import RecordingCodec, extend, prompts, tiny_model
+from test_generation_helpers import RecordingCodec, extend, one_thread, prompts, tiny_model  # noqa: F401
 
 from unimoe.generation import GenerationRequest, GenerationSettings, Generator, decode
 from unimoe.generation.decode import ContextTooLong

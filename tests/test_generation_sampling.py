@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from test_generation_helpers import one_thread  # noqa: F401  (autouse fixture)
 import torch
 
 from unimoe.generation.sampling import CodebookSampling, filter_logits, guide, mask_specials, sample

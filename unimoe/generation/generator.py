@@ -169,20 +169,11 @@ class Generator:
                 clips += self._generate_batch(list(prepared[start: start + size]))
         return clips
 
-    def _prompts(self, item: PreparedRequest):
-        request = item.request
-        try:
-            cond, uncond = self.builder(request.task).cfg_prefixes(**item.inputs)
-        except (ValueError, TypeError) as exc:  # SequenceTooLong, bad codes / text from the builder
-            raise InputError(f"request {request.id!r} ({request.source}): {exc}") from exc
-        return cond, uncond
-
     def _generate_batch(self, batch: list[PreparedRequest]) -> list[GeneratedClip]:
         s = self.settings
         device = self.model.audio_head.weight.device
-        pairs = [self._prompts(item) for item in batch]
-        cond = [c for c, _ in pairs]
-        uncond = [u for _, u in pairs] if s.uses_cfg else None
+        cond = [item.cond for item in batch]
+        uncond = [item.uncond for item in batch] if s.uses_cfg else None
         generators = [torch.Generator(device=device).manual_seed(item.seed) for item in batch]
         out = decode(
             self.model, cond, uncond, self.sampling,

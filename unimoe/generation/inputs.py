@@ -17,7 +17,7 @@ from unimoe.audio import AudioFileError, load_audio
 from unimoe.data.manifest import TEXT_REQUIRED
 from unimoe.data.video import VideoFileError, load_video
 from unimoe.generation.requests import GenerationRequest
-from unimoe.model.tasks import TASK_IDS, TaskBuilder
+from unimoe.model.tasks import TASK_IDS, Sequence, TaskBuilder
 
 log = logging.getLogger("unimoe.generation")
 
@@ -34,11 +34,15 @@ class InputError(ValueError):
 
 @dataclass
 class PreparedRequest:
-    """A request with its conditioning loaded: ``inputs`` go to ``builder.cfg_prefixes(**inputs)``."""
+    """A request with its conditioning loaded and its prompts built (``builder.cfg_prefixes(**inputs)``)."""
 
     request: GenerationRequest
     inputs: dict[str, Any]
     seed: int
+    cond: Sequence
+    """The conditional prompt (``builder.prefix(cond=True)``), ending in the target's BOS frame."""
+    uncond: Sequence
+    """The unconditional (CFG) prompt."""
     info: dict[str, Any] = field(default_factory=dict)
     """What was done to the inputs (prompt seconds, trimming, video frames) for the sidecar."""
 
@@ -66,10 +70,10 @@ def prepare_request(
                              f"(it takes {', '.join(sorted(accepted))})")
     inputs: dict[str, Any] = {}
     info: dict[str, Any] = {}
-    if request.text is not None:
-        if not request.text.strip():
-            raise InputError(f"{where}: field 'text': is empty")
+    if request.text is not None and request.text.strip():
         inputs["text"] = request.text
+    elif request.task in TEXT_REQUIRED and request.text is not None:
+        raise InputError(f"{where}: field 'text': is empty")
     elif request.task in TEXT_REQUIRED:
         raise InputError(f"{where}: field 'text': task {request.task!r} needs a non-empty "
                          f"{'transcript' if request.task == 'tts' else 'caption'}")
@@ -89,7 +93,16 @@ def prepare_request(
                          f"(.npy [F, H, W, 3] or .npz with 'frames')")
     if "video" in inputs:
         info["video_frames"] = int(inputs["video"].shape[0])
-    return PreparedRequest(request=request, inputs=inputs, seed=seed, info=info)
+    try:
+        cond, uncond = builder.cfg_prefixes(**inputs)
+    except (ValueError, TypeError) as exc:  # SequenceTooLong, codes of the wrong codec, bad token ids
+        raise InputError(f"{where}: {exc}") from exc
+    cfg = builder.config
+    longest = max(len(cond), len(uncond))
+    if cfg.max_seq_len - longest - 1 - max(cfg.delays) < 1:  # prompt + 1 frame + EOS + delay tail must fit
+        raise InputError(f"{where}: the prompt takes {longest} of max_seq_len={cfg.max_seq_len} positions and "
+                         f"leaves no room for audio (shorten the text or the reference voice)")
+    return PreparedRequest(request=request, inputs=inputs, seed=seed, cond=cond, uncond=uncond, info=info)
 
 
 def _encode_prompt(request: GenerationRequest, codec, max_seconds: float) -> tuple[torch.Tensor, dict[str, Any]]:
