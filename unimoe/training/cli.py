@@ -132,7 +132,10 @@ def _init_path(value: Any) -> str:
     return str(value)
 
 
-def build_cli(args: list[str] | None = None, run: bool = True) -> UniMoECLI:
+def build_cli(
+    args: list[str] | None = None, run: bool = True, cli_class: type[UniMoECLI] | None = None,
+    parser_kwargs: dict[str, Any] | None = None,
+) -> UniMoECLI:
     """Construct the CLI (parsing ``args``) with every plug-in imported first."""
     import unimoe.components  # noqa: F401  in-tree registrations
     import unimoe.training.callbacks  # noqa: F401  short class names in YAML
@@ -140,13 +143,17 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> UniMoECLI:
     from unimoe.registry import load_all_plugins
 
     load_all_plugins()
-    return UniMoECLI(
+    # `unimoe fit ...` / `unimoe curriculum` hand LightningCLI their own argv (after variable
+    # resolution), which Lightning would otherwise flag as "args and command line arguments".
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    return (cli_class or UniMoECLI)(
         model_class=LightningModule,
         datamodule_class=LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_callback=RunConfigSaver,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs=parser_kwargs,
         args=args,
         run=run,
     )
@@ -163,9 +170,6 @@ def prepare_argv(argv: list[str]) -> list[str]:
 def run_lightning_cli(argv: list[str]) -> int:
     from unimoe.training.recipe_vars import RecipeError
 
-    # `unimoe fit ...` hands LightningCLI its own argv (after variable resolution), which
-    # Lightning would otherwise flag as "args and command line arguments" on every run.
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     try:
         build_cli(prepare_argv(argv))
     except (ConfigError, RecipeError) as exc:

@@ -16,10 +16,33 @@ from pathlib import Path
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
+from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 RUN_ID_FILE = "mlflow_run_id.txt"
+
+
+class ResumableMLFlowLogger(MLFlowLogger):
+    """MLFlowLogger that can log hyper-parameters again into a resumed run.
+
+    MLflow params are immutable, but a resumed stage logs its hparams a second time (and
+    ``init_from`` is dropped on resume). Params already recorded with the same value are
+    skipped; a changed value is kept as the tag ``resumed.<key>`` instead of failing.
+    """
+
+    @rank_zero_only
+    def log_hyperparams(self, params) -> None:
+        from mlflow.entities import Param
+
+        flat = _flatten_dict(_convert_params(params))
+        existing = self.experiment.get_run(self.run_id).data.params
+        new = [Param(key=k, value=str(v)[:250]) for k, v in flat.items() if k not in existing]
+        for k, v in flat.items():
+            if k in existing and existing[k] != str(v)[:250]:
+                self.experiment.set_tag(self.run_id, f"resumed.{k}", str(v)[:5000])
+        for idx in range(0, len(new), 100):
+            self.experiment.log_batch(run_id=self.run_id, params=new[idx: idx + 100])
 
 
 def tracking_uri_for(run_dir: str | Path) -> str:
@@ -49,7 +72,7 @@ def mlflow_logger_for(
     id_file = run_dir / RUN_ID_FILE
     if resume and id_file.exists():
         run_id = id_file.read_text().strip() or None
-    logger = MLFlowLogger(
+    logger = ResumableMLFlowLogger(
         experiment_name=experiment_name,
         run_name=run_name or run_dir.name,
         tracking_uri=tracking_uri or tracking_uri_for(store),
