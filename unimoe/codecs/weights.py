@@ -93,9 +93,10 @@ def _encodec_hint() -> str:
     return (
         f"Download {ENCODEC_24KHZ_URL} on a machine with internet and either pass it as the codec's "
         f"`path` (the file, or a folder holding {ENCODEC_24KHZ_FILE}; YAML: "
-        f"`codec: {{name: encodec, path: /models/{ENCODEC_24KHZ_FILE}}}`) or copy it to {hub}/ "
-        "where the encodec package looks before downloading. For tests without weights use "
-        "`pretrained: false` (untrained architecture)."
+        f"`codec: {{name: encodec, path: /models/{ENCODEC_24KHZ_FILE}}}`; for the vocos codec: its "
+        f"`encodec_path`, or the folder given as its `path`) or copy it to {hub}/ where the encodec "
+        "package looks before downloading. For tests without weights use `pretrained: false` "
+        "(untrained architecture)."
     )
 
 

@@ -92,13 +92,20 @@ def _roundtrip(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from unimoe.codecs.spectral_rvq import SpectralRVQConfig
+    import inspect
+
+    from unimoe.codecs.spectral_rvq import SpectralRVQConfig, fit_spectral_rvq
 
     defaults = SpectralRVQConfig()
+    fit_defaults = {n: p.default for n, p in inspect.signature(fit_spectral_rvq).parameters.items()}
     parser = argparse.ArgumentParser(prog="unimoe codec", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    fit = sub.add_parser("fit", help="fit a spectral_rvq codec on audio folders / JSONL manifests")
+    fit = sub.add_parser(
+        "fit",
+        help="fit a spectral_rvq codec on audio folders / JSONL manifests",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     fit.add_argument("--audio", nargs="+", required=True, help="audio folders, JSONL manifests (\"audio\" key) or files")
     fit.add_argument("--out", type=Path, required=True, help="codec file to write (e.g. codec.pt)")
     fit.add_argument("--sample-rate", type=int, default=defaults.sample_rate)
@@ -107,9 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--n-mels", type=int, default=defaults.n_mels)
     fit.add_argument("--num-codebooks", type=int, default=defaults.num_codebooks)
     fit.add_argument("--codebook-size", type=int, default=defaults.codebook_size)
-    fit.add_argument("--max-frames", type=int, default=40_000, help="cap on frames sampled for k-means")
-    fit.add_argument("--kmeans-iters", type=int, default=8, help="Lloyd iterations per codebook")
-    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--max-frames", type=int, default=fit_defaults["max_frames"], help="cap on frames sampled for k-means")
+    fit.add_argument("--kmeans-iters", type=int, default=fit_defaults["kmeans_iters"], help="Lloyd iterations per codebook")
+    fit.add_argument("--seed", type=int, default=fit_defaults["seed"])
     fit.add_argument("--no-progress", action="store_true", help="no progress bars")
     fit.set_defaults(handler=_fit)
 
