@@ -121,7 +121,7 @@ def encodec_24khz_state_dict(
 def _vocos_hint() -> str:
     return (
         f"Download {VOCOS_WEIGHTS_FILE} from https://huggingface.co/{VOCOS_ENCODEC_REPO} on a machine with "
-        f"internet (`huggingface-cli download {VOCOS_ENCODEC_REPO} --local-dir DIR`) and pass the file or "
+        f"internet (`hf download {VOCOS_ENCODEC_REPO} --local-dir DIR`) and pass the file or "
         f"DIR as the codec's `path` (YAML: `codec: {{name: vocos, path: DIR}}`). Vocos decodes EnCodec "
         f"tokens, so it also needs {ENCODEC_24KHZ_FILE}: put it in the same DIR or pass `encodec_path`. "
         "For tests without weights use `pretrained: false` (untrained architecture)."
