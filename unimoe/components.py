@@ -1,12 +1,12 @@
 """Import every in-tree module that registers components, so registries are complete.
 
-Each subsystem adds its module here once; importing this module is how commands and the
-CLI make sure every built-in router, expert, codec, metric and task is registered.
+Commands and the CLI import this module before parsing configs; each subsystem that
+registers something lists its module here once.
 """
 
 import importlib
 
-_MODULES = [
+_MODULES = (
     "unimoe.moe.routers",
     "unimoe.moe.experts",
     "unimoe.codecs",
@@ -14,11 +14,7 @@ _MODULES = [
     "unimoe.model.vision",
     "unimoe.model.text_tokenizer",
     "unimoe.evaluation.backends",
-]
+)
 
 for _name in _MODULES:
-    try:
-        importlib.import_module(_name)
-    except ModuleNotFoundError as exc:  # a subsystem not built yet must not break the others
-        if exc.name is None or not _name.startswith(exc.name):
-            raise
+    importlib.import_module(_name)
