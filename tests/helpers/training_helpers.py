@@ -24,3 +24,45 @@ class KillOnce(Callback):
             return
         self.marker.write_text(json.dumps({"killed_at_step": trainer.global_step}))
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------- tiny real data
+TINY_MODEL = {
+    "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 128,
+    "max_seq_len": 1024, "num_codebooks": 4, "codebook_size": 16, "delays": [0, 1, 2, 3],
+    "vision": {"name": "vit", "width": 32, "depth": 1, "num_heads": 2, "intermediate_size": 64, "patch_size": 8,
+               "temporal_patch_size": 2, "merge_size": 2, "image_size": 32, "num_frames": 4},
+}
+
+
+def tiny_data(base: Path) -> Path:
+    """A tiny offline demo corpus, a spectral_rvq codec fitted on it (4 x 16 codes, 25 frames/s)
+    and its shards per task, built once under ``base/tiny_data`` (reused by every test module).
+
+    Layout (the data-root contract of the demo recipes): corpus/, codec.pt, shards/{tts,t2m,v2m}.
+    """
+    import fcntl
+
+    root = base / "tiny_data"
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (root / "READY").exists():
+            return root
+        from unimoe.codecs.spectral_rvq import SpectralRVQConfig, fit_spectral_rvq
+        from unimoe.data.demo.build import DemoConfig, build_demo_corpus
+        from unimoe.data.tokenize import tokenize_manifest
+
+        cfg = DemoConfig(speech_clips=24, t2m_clips=6, v2m_clips=5, speakers=2, speech_max_seconds=2.5,
+                         music_min_seconds=2.0, music_max_seconds=3.0)
+        build_demo_corpus(root / "corpus", cfg, progress=False)
+        codec_cfg = SpectralRVQConfig(hop_length=640, n_fft=1280, n_mels=40, num_codebooks=4, codebook_size=16)
+        codec = fit_spectral_rvq([root / "corpus" / "manifests" / "all.jsonl"], codec_cfg, max_frames=3000,
+                                 kmeans_iters=3, progress=False)
+        codec.save(root / "codec.pt")
+        for task in ("tts", "t2m", "v2m"):
+            tokenize_manifest(root / "corpus" / "manifests" / f"{task}.jsonl",
+                              {"name": "spectral_rvq", "path": str(root / "codec.pt")}, root / "shards" / task,
+                              progress=False)
+        (root / "READY").write_text("ok")
+    return root

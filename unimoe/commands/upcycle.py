@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", action=ActionConfigFile, help="YAML with any of the options below")
     parser.add_function_arguments(upcycle_checkpoints, fail_untyped=True)
     args = parser.parse_args(_lists_as_json(list(sys.argv[1:] if argv is None else argv)))
-    kwargs = parser.instantiate_classes(args).as_dict()
+    kwargs = parser.instantiate(args).as_dict()
     kwargs.pop("config", None)
     kwargs.pop("__path__", None)
     try:

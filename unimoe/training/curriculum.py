@@ -406,7 +406,8 @@ def check_data_paths(cur: Curriculum, stage: Stage, cfg: dict[str, Any]) -> None
     missing: list[str] = []
 
     def walk(value: Any) -> None:
-        if isinstance(value, str) and value.startswith(prefix) and not Path(value).exists():
+        inside = isinstance(value, str) and (value == prefix or value.startswith(prefix.rstrip(os.sep) + os.sep))
+        if inside and not Path(value).exists():
             missing.append(value)
         elif isinstance(value, dict):
             for v in value.values():

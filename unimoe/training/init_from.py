@@ -8,8 +8,8 @@ stage's weights with a fresh optimizer and schedule. The two are mutually exclus
 
 Rules, applied to the checkpoint's AudioLM state-dict keys (``model.`` prefix stripped):
 
-1. ``remap``: ordered ``{regex: replacement}`` rewrites of checkpoint keys (``re.sub``);
-2. ``include`` / ``exclude``: ``fnmatch`` globs on the rewritten keys (include first);
+1. ``include`` / ``exclude``: ``fnmatch`` globs choose checkpoint keys (include first);
+2. ``remap``: ordered ``{regex: replacement}`` rewrites of the chosen keys (``re.sub``);
 3. every kept key must exist in the model with the same shape; with ``strict`` every model
    parameter and persistent buffer must also be covered (errors list the offending keys).
 """
@@ -33,9 +33,9 @@ class InitFrom:
     """Where a stage's initial weights come from, and which ones.
 
     path:    a unimoe checkpoint (a stage's ``.ckpt`` or ``unimoe upcycle`` output)
-    include: globs of checkpoint keys to load (after ``remap``); default all
+    include: globs of checkpoint keys to load; default all
     exclude: globs of checkpoint keys to skip
-    remap:   ordered ``{regex: replacement}`` applied to checkpoint keys before matching
+    remap:   ordered ``{regex: replacement}`` renaming the chosen checkpoint keys to model keys
     strict:  every model parameter/buffer must be initialised from the checkpoint
     """
 
@@ -99,21 +99,22 @@ def read_init_checkpoint(spec: InitFrom) -> tuple[CheckpointMetadata, dict[str, 
 
 
 def select_weights(spec: InitFrom, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Apply ``remap`` then ``include``/``exclude`` -> (kept ``{new key: tensor}``, skipped new keys)."""
+    """Apply ``include``/``exclude`` then ``remap`` -> (kept ``{model key: tensor}``, skipped checkpoint keys)."""
     kept: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
     for key, value in state.items():
+        wanted = any(fnmatch.fnmatchcase(key, p) for p in spec.include) and not any(
+            fnmatch.fnmatchcase(key, p) for p in spec.exclude
+        )
+        if not wanted:
+            skipped.append(key)
+            continue
         new = key
         for pattern, replacement in spec.remap.items():
             new = re.sub(pattern, replacement, new)
-        wanted = any(fnmatch.fnmatchcase(new, p) for p in spec.include) and not any(
-            fnmatch.fnmatchcase(new, p) for p in spec.exclude
-        )
-        if not wanted:
-            skipped.append(new)
-            continue
         if new in kept:
-            raise ValueError(f"init_from.remap maps two checkpoint keys onto {new!r} ({spec.path})")
+            raise ValueError(f"init_from.remap maps two checkpoint keys onto {new!r} ({spec.path}); "
+                             "narrow init_from.include")
         kept[new] = value
     return kept, skipped
 

@@ -153,12 +153,6 @@ class StageModule(L.LightningModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.init_spec is not None and self.trainer.ckpt_path:
-            raise ValueError(
-                f"init_from ({self.init_spec.path}) and ckpt_path ({self.trainer.ckpt_path}) are mutually exclusive: "
-                "init_from starts a new stage from another stage's weights at step 0; ckpt_path resumes this "
-                "stage (optimizer, step). Drop one of them."
-            )
         datamodule = getattr(self.trainer, "datamodule", None)
         data_config = getattr(datamodule, "model_config", None)
         if isinstance(data_config, AudioLMConfig):
@@ -262,6 +256,12 @@ class StageModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Crash resume: restore what init_from provided the first time (lineage, codec, tasks seen)."""
+        if self.init_spec is not None and self._trainer is not None:
+            raise ValueError(
+                f"init_from ({self.init_spec.path}) and ckpt_path ({self.trainer.ckpt_path}) are mutually exclusive: "
+                "init_from starts a new stage from another stage's weights at step 0; ckpt_path resumes this "
+                "stage (weights, optimizer, step). Build the module without init_from to resume."
+            )
         meta = checkpoint.get(METADATA_KEY)
         if not meta:
             return

@@ -123,7 +123,7 @@ class AudioSamples(Callback):
         codec.to(pl_module.device)
         requests = [
             GenerationRequest(
-                id=f"{ex.task}-{ex.id}", task=ex.task, text=ex.text, prompt_text=ex.prompt_text,
+                id=ex.id if ex.id.startswith(ex.task) else f"{ex.task}-{ex.id}", task=ex.task, text=ex.text, prompt_text=ex.prompt_text,
                 prompt_codes=ex.prompt_codes, video_frames=ex.video, seed=self.settings.seed + i,
             )
             for i, ex in enumerate(examples)

@@ -207,7 +207,7 @@ class ExpertLoadMonitor(Callback):
             totals = self._train.reduced(_reducer(trainer))
             metrics = totals.metrics("moe/train", self._labels(pl_module, totals), self.detail, self.per_task_metrics)
             metrics["moe/train/aux_weight"] = stats.aux_weight
-            _log_metrics(trainer, metrics, step)
+            _log_metrics(trainer, metrics, _logging_step(trainer))
             self._train = None
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
@@ -229,7 +229,7 @@ class ExpertLoadMonitor(Callback):
         totals = self._val.reduced(_reducer(trainer))
         self._val = None
         labels = self._labels(pl_module, totals)
-        _log_metrics(trainer, totals.metrics("moe/val", labels, self.detail, self.per_task_metrics), trainer.global_step)
+        _log_metrics(trainer, totals.metrics("moe/val", labels, self.detail, self.per_task_metrics), _logging_step(trainer))
         if self.plots and trainer.is_global_zero:
             self._figures(trainer, totals, labels, f"val_step{trainer.global_step:07d}", "validation")
 
@@ -272,6 +272,11 @@ def _reducer(trainer):
     if trainer.world_size <= 1:
         return None
     return lambda t: trainer.strategy.reduce(t, reduce_op="sum")
+
+
+def _logging_step(trainer) -> int:
+    """The step Lightning itself logs this batch's metrics at (``train/loss``, ``val/loss``), so charts line up."""
+    return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
 
 
 def _log_metrics(trainer, metrics: dict[str, float], step: int) -> None:
