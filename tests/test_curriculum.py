@@ -233,3 +233,58 @@ def test_recipe_variables_and_merging(tmp_path, monkeypatch):
     assert load_curriculum(RECIPES / "curriculum.yaml", data_root="/x/y").data_root == Path("/x/y")
     paper = load_curriculum(RECIPES / "paper" / "curriculum.yaml", data_root="/data")
     assert [s.kind for s in paper.stages].count("fit") == 6
+
+
+def test_paper_recipes_are_valid_lightningcli_configs():
+    from unimoe.training.curriculum import compose_stage, validate_stage_config
+
+    cur = load_curriculum(RECIPES / "paper" / "curriculum.yaml", data_root="/data/unimoe")
+    assert cur.launcher == "subprocess"
+    fits = [s for s in cur.stages if s.kind == "fit"]
+    for stage in fits:
+        cfg = compose_stage(cur, stage)
+        validate_stage_config(cfg, stage)  # the real parser, no instantiation
+        assert cfg["trainer"]["default_root_dir"] == str(cur.root / stage.name)
+    up = cur.stage("upcycle").upcycle
+    assert up["moe"]["num_routed_experts"] == 4 * up["pieces"] == 8 and up["moe"]["routed_intermediate_size"] == 2752
+    warmup = compose_stage(cur, cur.stage("warmup"))
+    assert warmup["model"]["init_args"]["init_from"] == str(cur.root / "upcycle" / "upcycled.ckpt")
+    assert warmup["model"]["init_args"]["optimizer"]["lr"] == 3e-5
+    assert compose_stage(cur, cur.stage("joint"))["model"]["init_args"]["optimizer"]["lr"] == 1e-5
+    assert compose_stage(cur, cur.stage("specialist_t2m"))["model"]["init_args"]["optimizer"]["lr"] == 1e-4
+
+
+def test_ddp_stages_through_the_subprocess_launcher_sum_routing_over_ranks(tmp_path_factory):
+    """Two CPU ranks (gloo): the warmup stage's routing counts cover the whole validation set."""
+    from unimoe.data.datamodule import UniMoEDataModule
+    from unimoe.model.config import AudioLMConfig
+
+    data = tiny_data(tmp_path_factory.getbasetemp())
+    work = tmp_path_factory.mktemp("ddp")
+    quiet = {"enable_progress_bar": False, "log_every_n_steps": 1, "num_sanity_val_steps": 0}
+    tiny_data_args = {"init_args": {"model": TINY_MODEL, "max_tokens": 2048}}
+    config = write(work / "ddp.yaml", {
+        "name": "ddp", "root": str(work / "runs"), "launcher": "subprocess", "checkpoint_every_n_steps": 2,
+        "stages": [
+            {"name": "specialist", "config": str(RECIPES / "demo" / "specialist.yaml"),
+             "model": {"init_args": {"label": "tts", "model": TINY_MODEL}},
+             "data": deep_merge(tiny_data_args, {"init_args": {"sources": {"tts": "${data_root}/shards/tts"}}}),
+             "trainer": {**quiet, "max_steps": 1, "limit_val_batches": 0, "callbacks": []}},
+            {"name": "upcycle", "upcycle": {"specialists": ["specialist"], "pieces": 2, "moe": {
+                "num_routed_experts": 2, "routed_intermediate_size": 64, "num_shared_experts": 1,
+                "shared_intermediate_size": 32}}},
+            {"name": "warmup", "config": str(RECIPES / "demo" / "warmup.yaml"), "init_from": "upcycle",
+             "data": deep_merge(tiny_data_args, {"init_args": {"seed_size": 8}}),
+             "trainer": {**quiet, "max_steps": 2, "val_check_interval": 2, "accelerator": "cpu", "devices": 2,
+                         "strategy": "ddp", "use_distributed_sampler": False,
+                         "callbacks": [{"class_path": "ExpertLoadMonitor", "init_args": {"log_every_n_steps": 1}}]}},
+        ]})
+    proc = run_curriculum(config, data, work)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Starting with 2 processes" in proc.stderr + proc.stdout
+    raw = json.loads((work / "runs" / "warmup" / "plots" / "routing_val_step0000002.json").read_text())
+    dm = UniMoEDataModule(sources={t: str(data / "shards" / t) for t in ("tts", "t2m", "v2m")},
+                          model=AudioLMConfig(**TINY_MODEL), max_tokens=2048)
+    dm.setup("validate")
+    real_tokens = sum(int(batch.attention_mask.sum()) for batch in dm.val_dataloader())
+    assert raw["num_tokens"] == [real_tokens, real_tokens]  # both ranks' shares, summed, once each

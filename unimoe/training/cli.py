@@ -7,7 +7,8 @@ Defaults a user would otherwise wire by hand on every run:
 - ``ModelCheckpoint`` into ``<default_root_dir>/checkpoints`` with ``last.ckpt`` always kept,
   so a killed run resumes with ``--ckpt_path <dir>/checkpoints/last.ckpt``; and
   ``StageFinalizer``: ``<default_root_dir>/final.ckpt`` when training ends normally.
-- A rich progress bar, and the resolved config saved next to the checkpoints and in MLflow.
+- A rich progress bar over the stage's optimizer steps (``StepProgressBar``), and the resolved
+  config saved next to the checkpoints and in MLflow.
 - Plug-ins from installed packages are imported before parsing, so YAML may name their
   classes by short name; the stage modules and callbacks are importable by short name too
   (``class_path: JointStage``, ``class_path: ExpertLoadMonitor``).
@@ -31,7 +32,7 @@ from typing import Any, Optional
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from unimoe.training.run_logging import RunConfigSaver, mlflow_logger_for
@@ -95,7 +96,7 @@ class UniMoECLI(LightningCLI):
                     args["init_from"] = None  # resumed weights come from ckpt_path, not from init_from
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        from unimoe.training.callbacks import StageFinalizer
+        from unimoe.training.callbacks import StageFinalizer, StepProgressBar
 
         config = self._get(self.config_init, "trainer", default={})
         run_dir = Path(config.get("default_root_dir") or DEFAULT_RUN_DIR)
@@ -117,7 +118,7 @@ class UniMoECLI(LightningCLI):
         if checkpointing and not any(isinstance(c, StageFinalizer) for c in callbacks):
             callbacks.append(StageFinalizer())
         if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            callbacks.append(RichProgressBar())
+            callbacks.append(StepProgressBar())
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 

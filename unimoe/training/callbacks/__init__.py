@@ -3,12 +3,14 @@
 from unimoe.training.callbacks.audio_samples import AudioSamples
 from unimoe.training.callbacks.expert_load import ExpertLoadMonitor, RoutingTotals, expert_labels_for
 from unimoe.training.callbacks.finalize import DONE_MARKER, FINAL_CHECKPOINT, FINAL_METRICS, StageFinalizer
+from unimoe.training.callbacks.progress import StepProgressBar
 
 __all__ = [
     "AudioSamples",
     "ExpertLoadMonitor",
     "RoutingTotals",
     "StageFinalizer",
+    "StepProgressBar",
     "expert_labels_for",
     "DONE_MARKER",
     "FINAL_CHECKPOINT",
