@@ -50,11 +50,11 @@ def trainer(root, steps, callbacks=(), **kw):
 
 
 @pytest.fixture(scope="module")
-def upcycled(tmp_path_factory):
+def upcycled(tmp_path_factory, data):
     specs = []
     for seed, task in zip((1, 2, 3), ("tts", "t2m", "v2m")):
         torch.manual_seed(seed)
-        meta = CheckpointMetadata(config=TINY, codec={"name": "spectral_rvq", "path": "x.pt"}, stage="specialist",
+        meta = CheckpointMetadata(config=TINY, codec={"name": "spectral_rvq", "path": str(data / "codec.pt")}, stage="specialist",
                                   extra={"data_tasks": [task], "label": task})
         specs.append(Specialist(AudioLM(TINY).state_dict(), meta, task))
     result = upcycle(specs, MOE, pieces=2)
@@ -261,6 +261,18 @@ def test_stage_configuration_errors_name_the_problem(data, tmp_path):
                           max_tokens=2048)
     with pytest.raises(ValueError, match="delays: data"):
         trainer(tmp_path, 1).fit(SpecialistStage(model="tiny"), dm)
+    # a codec of the same shape but another fit (other codebooks) is not the shards' codec
+    from unimoe.codecs.spectral_rvq import SpectralRVQCodec
+
+    real = SpectralRVQCodec(path=str(data / "codec.pt"))
+    other = SpectralRVQCodec.from_fitted(real.config, real.mean, real.std, real.codebooks.flip(1))
+    other.save(tmp_path / "other.pt")
+    stage = SpecialistStage(model="tiny", codec={"name": "spectral_rvq", "path": str(tmp_path / "other.pt")})
+    with pytest.raises(ValueError, match="not the codec of the shards.*weights_sha256"):
+        trainer(tmp_path, 1).fit(stage, datamodule(data, mix="raw"))
+    with pytest.raises(ValueError, match="cannot be built"):
+        trainer(tmp_path, 1).fit(SpecialistStage(model="tiny", codec={"name": "spectral_rvq", "path": "nope.pt"}),
+                                 datamodule(data, mix="raw"))
 
 
 def test_specialist_checkpoint_describes_itself(data, tmp_path):

@@ -166,6 +166,28 @@ class StageModule(L.LightningModule):
             if not self.task_args:
                 self.task_args = {t: {"name": t, "cond_drop_prob": datamodule.cond_drop_prob,
                                       **(getattr(datamodule, "task_args", None) or {}).get(t, {})} for t in TASK_IDS}
+        self.check_codec(getattr(datamodule, "codec_info", None))
+
+    def check_codec(self, shards_codec: dict[str, Any] | None) -> None:
+        """The codec this stage records must be the one the training shards were made with.
+
+        Every checkpoint tells generation which codec decodes its tokens; a recipe pointing at
+        another fit of the codec (same shape, other codebooks) would make that wrong silently.
+        """
+        if not shards_codec or self.codec_spec is None:
+            return
+        import unimoe.components  # noqa: F401  registers the codecs
+        from unimoe.data.shards import CodecMismatchError, codec_record, compare_codecs
+        from unimoe.registry import CODECS
+
+        try:
+            codec = CODECS.build(self.codec_spec)
+        except Exception as exc:  # noqa: BLE001 - any build failure is a bad `codec` field
+            raise ValueError(f"{type(self).__name__}.codec {self.codec_spec!r} cannot be built: {exc}") from exc
+        try:
+            compare_codecs(shards_codec, codec_record(codec), "the training data of this stage")
+        except CodecMismatchError as exc:
+            raise ValueError(f"{type(self).__name__}.codec {self.codec_spec!r} is not the codec of the shards: {exc}") from exc
 
     def forward(self, batch: Batch):
         return self.model(batch, logits="none")
