@@ -384,6 +384,9 @@ def validate_stage_config(cfg: dict[str, Any], stage: Stage) -> None:
         def _parse_ckpt_path(self) -> None:
             pass
 
+        def _set_seed(self) -> None:  # parsing must not touch the global RNG (nor print "Seed set")
+            pass
+
         def before_instantiate_classes(self) -> None:
             raise _Parsed()
 
@@ -420,7 +423,7 @@ def check_data_paths(cur: Curriculum, stage: Stage, cfg: dict[str, Any]) -> None
     if missing:
         raise RecipeError(
             f"stage {stage.name!r} needs {', '.join(sorted(set(missing)))}, missing under the data root {prefix}. "
-            "Prepare it (docs/training.md, 'Demo data'): unimoe data demo --out DATA/corpus; unimoe codec fit "
+            "Prepare it (docs/training.md, 'Finding the data'): unimoe data demo --out DATA/corpus; unimoe codec fit "
             "--audio DATA/corpus/manifests/all.jsonl --out DATA/codec.pt; unimoe tokenize --manifest "
             "DATA/corpus/manifests/<task>.jsonl --codec DATA/codec.pt --out DATA/shards/<task> (tts, t2m, v2m)"
         )
