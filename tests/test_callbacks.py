@@ -1,7 +1,6 @@
 """Callbacks: routing accumulation against a direct count, metrics/figures in a run, final checkpoint rules."""
 
 import json
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -12,7 +11,6 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 
 HELPERS = Path(__file__).parent / "helpers"
-sys.path.insert(0, str(HELPERS))
 
 from training_helpers import tiny_data  # noqa: E402
 

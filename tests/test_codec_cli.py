@@ -7,18 +7,13 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 from unimoe.cli import main as unimoe_main
 from unimoe.commands.codec import main, parse_codec_spec
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,9 @@ from unimoe.audio import AudioFileError
 from unimoe.codecs import CodecWeightsError, EncodecCodec, VocosCodec
 from unimoe.registry import CODECS
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small convolutions are faster on one thread, especially on a shared busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
 
 
 @pytest.fixture(scope="module")

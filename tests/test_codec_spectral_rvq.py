@@ -24,6 +24,8 @@ from unimoe.codecs import CodecFileError, SpectralRVQCodec, SpectralRVQConfig, f
 from unimoe.codecs.quality import quality_report
 from unimoe.registry import CODECS
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 SOUNDFONT = Path("/usr/share/sounds/sf2/FluidR3_GM.sf2")
 VOICES = ["en-us+m3", "en-us+f2", "en+m1", "en-gb+f4", "en-gb-scotland+m5", "en-029+f1"]
 UNSEEN_VOICE = "en+Annie"
@@ -85,13 +87,6 @@ def synth_corpus(root: Path, sentences: int, melodies: int, seed: int, voices: l
     return files
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small STFTs are faster on one thread, especially on a shared busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

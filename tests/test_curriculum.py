@@ -14,7 +14,6 @@ import torch
 import yaml
 
 HELPERS = Path(__file__).parent / "helpers"
-sys.path.insert(0, str(HELPERS))
 
 from training_helpers import TINY_MODEL, tiny_data  # noqa: E402
 

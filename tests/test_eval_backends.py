@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_eval_helpers import SENTENCES, espeak, tone_mix, write_jsonl
+from eval_helpers import SENTENCES, espeak, tone_mix, write_jsonl
 from unimoe.evaluation.backends.base import AudioClassifier, AudioEmbedder
 from unimoe.evaluation.backends.clap import TransformersClap
 from unimoe.evaluation.backends.speaker import WavLMSpeaker

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from test_eval_helpers import SENTENCES, espeak, tone_mix, write_jsonl
+from eval_helpers import SENTENCES, espeak, tone_mix, write_jsonl
 from unimoe.cli import main as unimoe_main
 
 

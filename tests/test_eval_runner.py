@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from test_eval_helpers import tone_mix, write_jsonl
+from eval_helpers import tone_mix, write_jsonl
 from unimoe.evaluation import ManifestError, run_suite
 from unimoe.evaluation.backends.base import ASRBackend
 from unimoe.evaluation.errors import BackendUnavailableError, EvaluationError

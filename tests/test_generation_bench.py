@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_generation_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 from unimoe.bench.generate import GenerateBenchConfig, run
 from unimoe.commands.bench import BENCHMARKS, main
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 TINY = ["--preset", "tiny-moe", "--layers", "0", "--frames", "5", "--requests", "2", "--repeats", "1",
         "--warmup", "0", "--low-top-p", "0.2", "--device", "cpu"]

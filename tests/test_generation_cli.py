@@ -8,12 +8,14 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
-from test_generation_helpers import HOP, SR, one_thread, write_checkpoint  # noqa: F401
+from generation_helpers import HOP, SR, write_checkpoint
 
 from unimoe.commands.generate import main
 from unimoe.evaluation.runner import Generator as GeneratorProtocol
 from unimoe.evaluation.runner import load_checkpoint_generator
 from unimoe.generation import build_generator
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 FAST = ["--max-seconds", "0.08", "--device", "cpu", "--seed", "3"]
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_generation_helpers import RecordingCodec, extend, one_thread, prompts, tiny_model  # noqa: F401
+from generation_helpers import RecordingCodec, extend, prompts, tiny_model
 
 from unimoe.generation import GenerationRequest, GenerationSettings, Generator, decode
 from unimoe.generation.decode import ContextTooLong
 from unimoe.generation.sampling import CodebookSampling
 from unimoe.model.tasks import build_task_builder, collate
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 NEG = float("-inf")
 

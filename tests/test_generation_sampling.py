@@ -7,12 +7,13 @@ from __future__ import annotations
 import math
 
 import pytest
-from test_generation_helpers import one_thread  # noqa: F401  (autouse fixture)
 import torch
 
 from unimoe.generation.sampling import CodebookSampling, filter_logits, guide, mask_specials, sample
 from unimoe.generation.settings import GenerationSettings, SettingsError
 from unimoe.model.delay import CodecSpecials
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 SP = CodecSpecials(16)  # eos 16, pad 17, bos 18; V = 19
 

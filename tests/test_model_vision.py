@@ -56,7 +56,8 @@ def test_qwen25_vl_sized_tower_parameter_count():
     RMSNorm, qkv+proj with bias, RMSNorm, SwiGLU with bias; merger RMSNorm + 2-layer MLP."""
     w, f, depth, p, tp, m, out = 1280, 3420, 32, 14, 2, 2, 2048
     block = w + (w * 3 * w + 3 * w) + (w * w + w) + w + 2 * (w * f + f) + (f * w + w)
-    merger = w + (4 * w * 4 * w + 4 * w) + (4 * w * out + out)
+    merged = m * m * w  # merge_size x merge_size patches are concatenated before the MLP
+    merger = w + (merged * merged + merged) + (merged * out + out)
     want = 3 * tp * p * p * w + depth * block + merger
     assert want == 668_684_288
     model = meta_model(AudioLMConfig.from_preset("paper-dense", num_layers=1))

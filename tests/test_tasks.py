@@ -162,7 +162,7 @@ def test_collate_pads_right_and_shifts_labels():
     v2m = build_task_builder("v2m", CFG)
     seqs = [t2m.build(codes(2), text="a"), v2m.build(codes(6), video=torch.rand(4, 3, 32, 32)), t2m.build(codes(4), text="bb")]
     batch = collate(seqs, pad_to_multiple_of=8)
-    B, L = batch.batch_size, batch.seq_len
+    L = batch.seq_len
     assert L % 8 == 0 and L >= max(len(s) for s in seqs)
     assert batch.lengths.tolist() == [len(s) for s in seqs]
     assert batch.video.shape == (1, *seqs[1].video.shape)

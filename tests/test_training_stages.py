@@ -2,7 +2,6 @@
 optimizer schedule, exact per-task validation losses, configuration errors."""
 
 import math
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -12,7 +11,6 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 HELPERS = Path(__file__).parent / "helpers"
-sys.path.insert(0, str(HELPERS))
 
 from training_helpers import tiny_data  # noqa: E402
 

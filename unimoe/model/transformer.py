@@ -283,7 +283,7 @@ class AudioLM(nn.Module):
         VISION positions are filled from ``video`` in row-major order (0 without video).
         """
         B, L = modality.shape
-        C, V = self.config.num_codebooks, self.config.audio_vocab_size
+        C = self.config.num_codebooks
         is_text = (modality == Modality.TEXT).unsqueeze(-1)
         is_audio = (modality == Modality.AUDIO).unsqueeze(-1)
         text = self.text_embed(torch.where(is_text.squeeze(-1), text_ids, 0))

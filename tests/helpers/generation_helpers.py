@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 from torch import Tensor
 
@@ -18,14 +17,6 @@ from unimoe.model.transformer import AudioLM
 SR, HOP = 8000, 80  # 100 frames per second
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU the thread pool's
-    spinning makes them several times slower; restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_model(preset: str = "tiny-moe", seed: int = 0, **overrides) -> AudioLM:

@@ -1,0 +1,24 @@
+"""Shared test set-up: helper modules importable by name, and an opt-in single-thread mode."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HELPERS = Path(__file__).parent / "helpers"
+if str(HELPERS) not in sys.path:
+    sys.path.insert(0, str(HELPERS))
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models and small STFTs gain nothing from intra-op threads, and on a shared CPU
+    the thread pool's spinning makes them several times slower; restored after the module.
+    Opt in with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
