@@ -275,6 +275,27 @@ def test_checkpoint_mode_through_a_generator(tmp_path, music_dir):
     assert kl["r0"]["kl"] == pytest.approx(0.0, abs=1e-4) and kl["r1"]["kl"] > 1e-2
 
 
+def test_checkpoint_mode_with_a_relative_manifest_and_a_limit(tmp_path, music_dir, monkeypatch):
+    """Requests reach the generator with paths that exist from its own folder, limited to N lines."""
+    requests = write_jsonl(tmp_path / "data" / "manifests" / "all.jsonl", [
+        {"id": f"r{i}", "task": "t2m", "audio": f"../../m/ref{i}.wav", "text": "a chord", "split": "test"}
+        for i in range(3)])
+    monkeypatch.chdir(tmp_path)  # the manifest is given relative to the working directory
+
+    class CheckingGenerator(CopyGenerator):
+        def __call__(self, requests: Path, out_dir: Path) -> Path:
+            for row in (json.loads(line) for line in requests.read_text().splitlines()):
+                assert Path(row["audio"]).is_absolute() and Path(row["audio"]).is_file(), row["audio"]
+            return super().__call__(requests, out_dir)
+
+    gen = CheckingGenerator(music_dir / "ref0.wav", serve={"r0", "r1", "r2"})
+    report = run_suite(_suite([{"metric": "kl", "backend": "mel_stats"}]), manifest="data/manifests/all.jsonl",
+                       generator=gen, split="test", limit=2, out_dir="out", mlflow=False, log=lambda m: None)
+    assert gen.seen == ["r0", "r1"]
+    assert report.n_items == 2 and not report.skipped_before_scoring
+    assert report.metrics[0].per_item["r0"]["kl"] == pytest.approx(0.0, abs=1e-4)
+
+
 def test_checkpoint_mode_without_generation_subsystem_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "unimoe.generation", None)  # makes the import fail
     with pytest.raises(EvaluationError, match="needs the generation subsystem"):

@@ -107,10 +107,8 @@ def print_summary(summary: dict) -> None:
     root = Path(summary["root"])
     print("\n" + "=" * 72 + "\nunimoe demo: finished\n" + "=" * 72)
     print(f"stages:     {root / 'curriculum.json'} (losses per stage in the table above)")
-    results = Path(summary.get("evaluation", "")) / "results.md"
-    if "evaluation" in summary and results.is_file():
-        print(f"\nScores of the joint model on the test split ({results}):\n")
-        print(results.read_text())
+    if "evaluation" in summary:
+        print(f"scores:     {Path(summary['evaluation']) / 'results.md'} (table above; also results.json, MLflow)")
     print(f"checkpoint: {summary['checkpoint']}")
     print(f"samples:    {root}/*/samples/  (WAV + JSON sidecars per validation)")
     print(f"plots:      {root}/warmup/plots/ and {root}/joint/plots/  (routing heatmaps/histograms)")

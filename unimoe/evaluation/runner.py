@@ -149,7 +149,7 @@ def _absolute_paths(row: dict[str, Any], base: Path) -> dict[str, Any]:
 
 def _pairing(
     manifest: Path | None, wavs: Path | None, generator: Generator | None, out_dir: Path, audio_root: Path | None,
-    split: str | None,
+    split: str | None, limit: int | None = None,
 ) -> ManifestPairing:
     if manifest is None:
         raise EvaluationError("a manifest is required (--manifest)")
@@ -158,14 +158,17 @@ def _pairing(
             raise EvaluationError("give either a generator/checkpoint or a folder of WAVs, not both")
         gen_dir = out_dir / "generated"
         gen_dir.mkdir(parents=True, exist_ok=True)
-        requests = Path(manifest)
-        if split is not None:  # the generator sees only the requested split
-            requests = gen_dir / "requests.jsonl"
-            base = Path(audio_root) if audio_root else Path(manifest).parent
-            rows = [_absolute_paths(r, base) for r in read_jsonl(manifest) if r.get("split", "train") == split]
-            requests.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        # The generator sees only the requested split (and at most `limit` lines), with absolute
+        # paths: the request file lives in another folder than the manifest it came from.
+        base = (Path(audio_root) if audio_root else Path(manifest).parent).resolve()
+        rows = [_absolute_paths(r, base) for r in read_jsonl(manifest)
+                if split is None or r.get("split", "train") == split]
+        if limit:
+            rows = rows[:limit]
+        requests = gen_dir / "requests.jsonl"
+        requests.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         produced = generator(requests, gen_dir)
-        return pair_with_generated_manifest(produced, manifest, audio_root, split)
+        return pair_with_generated_manifest(produced, requests, None, split)
     if wavs is not None:
         return pair_with_references(wavs, manifest, audio_root, split)
     return ManifestPairing(items=read_eval_manifest(manifest, audio_root, split))
@@ -195,7 +198,7 @@ def run_suite(
     out = Path(out_dir) if out_dir is not None else Path("runs") / "eval" / f"{suite.name}-{created:%Y%m%d-%H%M%S}"
     out.mkdir(parents=True, exist_ok=True)
     pairing = _pairing(Path(manifest) if manifest else None, Path(wavs) if wavs else None, generator, out,
-                       Path(audio_root) if audio_root else None, split)
+                       Path(audio_root) if audio_root else None, split, limit)
     items = pairing.items[:limit] if limit else pairing.items
     ref_source = Path(reference_set) if reference_set else suite.reference_set
     ref_clips = read_reference_set(ref_source) if ref_source else None
