@@ -217,8 +217,12 @@ METRICS: Registry = Registry("metrics", "metric backend")
 TASKS: Registry = Registry("tasks", "task builder")
 VISION_ENCODERS: Registry = Registry("vision_encoders", "vision encoder")
 TEXT_TOKENIZERS: Registry = Registry("text_tokenizers", "text tokenizer")
+SCORERS: Registry = Registry("eval_scorers", "evaluation metric")
+"""Metric definitions (WER, SIM, FAD...) that combine a METRICS backend's outputs into a score."""
 
-ALL_REGISTRIES: tuple[Registry, ...] = (ROUTERS, EXPERTS, CODECS, METRICS, TASKS, VISION_ENCODERS, TEXT_TOKENIZERS)
+ALL_REGISTRIES: tuple[Registry, ...] = (
+    ROUTERS, EXPERTS, CODECS, METRICS, TASKS, VISION_ENCODERS, TEXT_TOKENIZERS, SCORERS,
+)
 
 
 def load_all_plugins() -> None:

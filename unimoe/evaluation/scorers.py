@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from unimoe.registry import Registry
+from unimoe.registry import SCORERS
 
 from .backends.base import (
     ASRBackend,
@@ -36,7 +36,7 @@ from .result import MetricResult
 from .similarity import cosine_similarity
 from .text_metrics import char_errors, corpus_rate, word_errors
 
-SCORERS: Registry = Registry("eval_scorers", "evaluation metric")
+__all__ = ["SCORERS", "Scorer"]
 
 
 @dataclass
