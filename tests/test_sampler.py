@@ -9,7 +9,7 @@ from lightning.fabric.utilities.data import _set_sampler_epoch
 from torch.utils.data import DataLoader
 
 from unimoe.data.sampler import (
-    MixtureSampler, OrderedSampler, TokenBudgetBatchSampler, mixture_probabilities, seed_subset,
+    MixtureSampler, OrderedSampler, SubsetSampler, TokenBudgetBatchSampler, mixture_probabilities, seed_subset,
 )
 
 SIZES = {"speech_en": 6000, "music": 400, "v2m": 30}
@@ -137,3 +137,93 @@ def test_lightning_set_epoch_reaches_the_sampler():
     assert first != second
     _set_sampler_epoch(loader, 0)
     assert [[int(x) for x in b] for b in loader] == first
+
+
+# ---------------------------------------------------------------------- resume state
+def _resumable(kind, num_replicas=1, rank=0, seed=9):
+    lengths = lognormal_lengths(300, seed=3)
+    if kind == "mixture":
+        inner = MixtureSampler([range(200), range(100)], [0.7, 0.3], num_samples=250, seed=seed)
+    else:
+        inner = SubsetSampler(np.arange(0, 300, 2), num_samples=200, seed=seed)
+    return TokenBudgetBatchSampler(inner, lengths, 4096, num_replicas=num_replicas, rank=rank, seed=seed)
+
+
+def _epochs(sampler, epochs):
+    """(epoch, batch) for ``epochs`` the way a training loop drives it: set_epoch, then iterate."""
+    out = []
+    for e in epochs:
+        sampler.set_epoch(e)
+        out += [(e, b) for b in sampler]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["mixture", "subset"])
+@pytest.mark.parametrize("num_replicas,rank", [(1, 0), (3, 2)])
+def test_state_round_trip_continues_a_fresh_iteration(kind, num_replicas, rank):
+    reference = _epochs(_resumable(kind, num_replicas, rank), range(3))
+    n0 = sum(1 for e, _ in reference if e == 0)
+    for cut in (0, 1, n0 // 2, n0, n0 + 2):
+        first = _resumable(kind, num_replicas, rank)
+        done = 0
+        for e in range(3):  # consume `cut` batches, epoch by epoch
+            first.set_epoch(e)
+            it = iter(first)
+            while done < cut:
+                try:
+                    next(it)
+                except StopIteration:
+                    break
+                done += 1
+            if done == cut:
+                break
+        state = first.state_dict()
+        resumed = _resumable(kind, num_replicas, rank)  # a new process: fresh objects
+        resumed.load_state_dict(state)
+        rest = [(state["epoch"], b) for b in resumed]  # load_state_dict restored the epoch itself
+        rest += _epochs(resumed, range(state["epoch"] + 1, 3))
+        assert rest == reference[cut:], cut
+    # a state at an epoch's end, driven into the next epoch: that epoch from its first batch
+    end = _resumable(kind, num_replicas, rank)
+    list(end)
+    nxt = _resumable(kind, num_replicas, rank)
+    nxt.load_state_dict(end.state_dict())
+    assert _epochs(nxt, [1]) == [x for x in reference if x[0] == 1]
+
+
+def test_state_counts_consumed_batches_not_prefetched_ones():
+    reference = list(_resumable("mixture"))
+    sampler = _resumable("mixture")
+    it = iter(sampler)
+    for _ in range(5):  # a DataLoader with workers draws ahead ...
+        next(it)
+    state = sampler.state_dict(consumed=2)  # ... of the two batches the training loop used
+    resumed = _resumable("mixture")
+    resumed.load_state_dict(state)
+    assert list(resumed) == reference[2:]
+
+
+def test_resume_with_another_world_size_maps_the_position(caplog):
+    two = _resumable("mixture", num_replicas=2, rank=0)
+    it = iter(two)
+    for _ in range(3):
+        next(it)
+    one = _resumable("mixture")
+    one.load_state_dict(two.state_dict())
+    with caplog.at_level("WARNING", logger="unimoe.data.sampler"):
+        rest = list(one)
+    assert rest == list(_resumable("mixture"))[6:]  # 3 batches on each of 2 ranks = the epoch's first 6
+    assert "written with 2 ranks, this run has 1" in caplog.text
+
+
+def test_resume_on_changed_settings_is_reported(caplog):
+    saved = _resumable("mixture", seed=9)
+    it = iter(saved)
+    next(it)
+    other = _resumable("mixture", seed=10)
+    other.load_state_dict(saved.state_dict())
+    with caplog.at_level("WARNING", logger="unimoe.data.sampler"):
+        list(other)
+    assert "batch plan differs from the checkpoint's" in caplog.text
+    with pytest.raises(ValueError, match="state version"):
+        other.load_state_dict({**saved.state_dict(), "version": 99})

@@ -15,17 +15,30 @@
 Everything is a pure function of ``(seed, epoch)``, so every rank computes the same epoch
 and takes its own slice. Lightning calls ``set_epoch`` on ``batch_sampler.sampler``; the
 batch sampler reads the epoch from there.
+
+Resuming mid-epoch: because the order is a pure function of ``(seed, epoch)``, the whole
+sampling state is the epoch plus the position in that epoch's batch order - there is no
+live RNG stream to save. ``state_dict()`` / ``load_state_dict()`` on every sampler carry
+that (and a digest of the epoch's plan, so a resume on changed data or settings is
+reported instead of silently drawing other examples); :mod:`unimoe.data.resumable` puts it
+into Lightning checkpoints.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from torch.utils.data import Sampler
 
+log = logging.getLogger(__name__)
+
 MIXES = ("raw", "balanced", "seed")
+STATE_VERSION = 1
+"""Version of :meth:`TokenBudgetBatchSampler.state_dict`'s layout (stored in checkpoints)."""
 
 
 def mixture_probabilities(
@@ -94,7 +107,26 @@ def _largest_remainder(probabilities: Sequence[float], total: int) -> list[int]:
     return base
 
 
-class MixtureSampler(Sampler[int]):
+class _EpochState:
+    """``state_dict`` / ``load_state_dict`` of an index sampler that is a pure function of ``(seed, epoch)``.
+
+    The numpy generators are re-created from ``[seed, epoch, k]`` on every ``__iter__``, so
+    the epoch is the only mutable state; seed and size are stored so a changed
+    configuration can be named when a resume does not match.
+    """
+
+    seed: int
+    epoch: int
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"type": type(self).__name__, "epoch": int(self.epoch), "seed": self.seed,
+                "num_samples": len(self)}  # type: ignore[arg-type]
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.set_epoch(int(state["epoch"]))  # type: ignore[attr-defined]
+
+
+class MixtureSampler(_EpochState, Sampler[int]):
     """``num_samples`` global indices per epoch drawn from several sources by probability.
 
     ``sources`` are the sources' local index lists (e.g. ``range(n)`` or a seed subset);
@@ -153,7 +185,7 @@ class MixtureSampler(Sampler[int]):
         return self.num_samples
 
 
-class OrderedSampler(Sampler[int]):
+class OrderedSampler(_EpochState, Sampler[int]):
     """Every index once, in order or reshuffled per epoch (validation, test, single source)."""
 
     def __init__(self, size: int, shuffle: bool = False, seed: int = 0) -> None:
@@ -171,7 +203,7 @@ class OrderedSampler(Sampler[int]):
         return self.size
 
 
-class SubsetSampler(Sampler[int]):
+class SubsetSampler(_EpochState, Sampler[int]):
     """A fixed index set, reshuffled each epoch, cycled to ``num_samples`` (default: once each).
 
     The warmup stage's seed subset is balanced by construction, so an epoch uses each of
@@ -210,6 +242,12 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
     An example longer than ``max_tokens`` cannot form any batch: ``oversize="error"``
     (default) refuses at construction, naming it; ``"skip"`` leaves it out and counts it
     in ``num_oversize``.
+
+    Resumable: :meth:`state_dict` records the epoch and how many of this rank's batches of
+    it were consumed; after :meth:`load_state_dict` the next iteration of that epoch starts
+    right after them, and an iteration of the following epoch starts at its beginning (a
+    checkpoint written at an epoch's end). Iteration is lazy (a generator), so ``set_epoch``
+    called after ``iter()`` but before the first ``next()`` still takes effect.
     """
 
     def __init__(
@@ -253,6 +291,11 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         qs = np.linspace(0, 1, max(1, num_buckets) + 1)[1:-1]
         self.boundaries = np.unique(np.quantile(fitting, qs).astype(np.int64)) if fitting.size else np.zeros(0, np.int64)
         self._cache: tuple[int, list[list[int]]] | None = None
+        self._digest: tuple[int, str] | None = None
+        # the latest iteration: epoch, first position, batches yielded so far (incl. skipped), plan
+        self._record: dict[str, Any] | None = None
+        # a loaded state, applied (then dropped) when the next iteration starts
+        self._pending: dict[str, Any] | None = None
 
     @property
     def num_oversize(self) -> int:
@@ -312,7 +355,109 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         return batches[self.rank: per_rank * R: R]
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._rank_batches())
+        batches = self._rank_batches()
+        epoch = self.epoch
+        start = self._resume_position(epoch, len(batches))
+        record = self._record = {"epoch": epoch, "start": start, "yielded": start, "num_batches": len(batches),
+                                 "plan": self.plan_digest()}
+        for i in range(start, len(batches)):
+            record["yielded"] = i + 1
+            yield batches[i]
 
     def __len__(self) -> int:
         return len(self._rank_batches())
+
+    # ------------------------------------------------------------------ resume
+    def plan_digest(self) -> str:
+        """A digest of the current epoch's global batch list (the same on every rank).
+
+        Stored with the position: a resume whose plan differs (other shards, seed, budget,
+        mix) cannot continue "the same" epoch, and says so instead of silently drawing
+        other examples.
+        """
+        epoch = self.epoch
+        if self._digest is None or self._digest[0] != epoch:
+            batches = self._all_batches()
+            h = hashlib.blake2b(digest_size=8)
+            h.update(np.asarray([len(b) for b in batches], dtype=np.int64).tobytes())
+            h.update(np.fromiter((i for b in batches for i in b), dtype=np.int64).tobytes())
+            self._digest = (epoch, h.hexdigest())
+        return self._digest[1]
+
+    @property
+    def started_at(self) -> tuple[int, int] | None:
+        """``(epoch, position)`` where the latest iteration began (None before any)."""
+        return None if self._record is None else (self._record["epoch"], self._record["start"])
+
+    def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
+        """The sampling state: the epoch and how many of this rank's batches of it were consumed.
+
+        ``consumed``: batches of the latest iteration its consumer actually used. Default: all
+        this sampler handed out - a DataLoader with worker processes draws batches ahead of
+        the training loop, so it passes its own count. Before any iteration the state is the
+        loaded one (if any), else the current epoch at position 0. The seeds' generators are
+        re-created from ``(seed, epoch)`` every epoch, so no RNG state needs saving.
+        """
+        if self._record is not None:
+            r = self._record
+            position = r["yielded"] if consumed is None else min(r["start"] + int(consumed), r["num_batches"])
+            epoch, num_batches, plan = r["epoch"], r["num_batches"], r["plan"]
+        elif self._pending is not None:
+            return dict(self._pending)
+        else:
+            epoch, position, num_batches, plan = self.epoch, 0, len(self), self.plan_digest()
+        inner = None
+        if hasattr(self.sampler, "state_dict"):
+            inner = {**self.sampler.state_dict(), "epoch": epoch}  # type: ignore[union-attr]
+        return {"version": STATE_VERSION, "epoch": int(epoch), "position": int(position),
+                "num_batches": int(num_batches), "num_replicas": self.num_replicas, "rank": self.rank,
+                "seed": self.seed, "max_tokens": self.max_tokens, "plan": plan, "sampler": inner}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from ``state`` (:meth:`state_dict` of this or an identically configured sampler).
+
+        Sets the epoch (so the sampler is right even if nobody calls ``set_epoch``) and
+        remembers the position for the next iteration. Each rank keeps its own rank: the
+        saved position is per rank and equal on all ranks.
+        """
+        version = state.get("version")
+        if version != STATE_VERSION:
+            raise ValueError(f"unknown batch-sampler state version {version!r} (this code reads {STATE_VERSION}): {dict(state)}")
+        inner = state.get("sampler")
+        if inner is not None and hasattr(self.sampler, "load_state_dict"):
+            self.sampler.load_state_dict(inner)  # type: ignore[union-attr]
+        else:
+            self.set_epoch(int(state["epoch"]))
+        self._pending = dict(state)
+        self._record = None
+
+    def _resume_position(self, epoch: int, num_batches: int) -> int:
+        """Where an iteration of ``epoch`` starts: after the loaded state's position if it is that epoch's."""
+        saved, self._pending = self._pending, None
+        if saved is None:
+            return 0
+        saved_epoch, position = int(saved["epoch"]), int(saved["position"])
+        if epoch != saved_epoch:
+            finished = position >= int(saved["num_batches"])
+            if epoch == saved_epoch + 1 and finished:
+                return 0  # checkpoint written at an epoch's end: the next epoch starts fresh
+            level = logging.INFO if epoch == saved_epoch + 1 else logging.WARNING
+            log.log(level, "training data: the checkpoint stopped at batch %d of %d of epoch %d, but training continues "
+                    "with epoch %d; it starts at its first batch", position, saved["num_batches"], saved_epoch, epoch)
+            return 0
+        if int(saved["num_replicas"]) != self.num_replicas:
+            # ranks take batches round robin: p batches per rank of R ranks = the first p * R of the epoch
+            converted = position * int(saved["num_replicas"]) // self.num_replicas
+            log.warning("training data: the checkpoint was written with %d ranks, this run has %d; resuming epoch %d "
+                        "at batch %d per rank (approximate: up to %d batches are repeated)", saved["num_replicas"],
+                        self.num_replicas, epoch, converted, self.num_replicas - 1)
+            position = converted
+        if saved.get("plan") != self.plan_digest():
+            log.warning("training data: epoch %d's batch plan differs from the checkpoint's (shards, seed, mix, token "
+                        "budget or buckets changed: saved seed %s max_tokens %s sampler %s; now seed %s max_tokens %s "
+                        "sampler %s); skipping its first %d batches anyway, but this is not the interrupted run's order",
+                        epoch, saved.get("seed"), saved.get("max_tokens"), saved.get("sampler"), self.seed,
+                        self.max_tokens, getattr(self.sampler, "state_dict", lambda: None)(), position)
+        if position:
+            log.info("training data: resuming epoch %d after batch %d of %d", epoch, min(position, num_batches), num_batches)
+        return min(position, num_batches)
