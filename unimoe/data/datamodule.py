@@ -15,6 +15,11 @@ Specialists use one source with ``mix: raw``; the warmup stage uses ``mix: seed`
 small ``seed_size``. Validation and test iterate every example of their split once, in
 order, without condition drop. Under DDP set ``Trainer(use_distributed_sampler=False)``:
 the batch sampler shards batches across ranks itself (equal counts on every rank).
+
+The training loader is a :class:`~unimoe.data.resumable.ResumableDataLoader`: a crash
+resume (``fit(ckpt_path=...)``) continues the interrupted epoch's batch order exactly
+where the checkpoint was written. Validation and test loaders restart every time anyway,
+so they carry no state.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import numpy as np
 from torch.utils.data import ConcatDataset, DataLoader
 
 from unimoe.data.dataset import ShardDataset
+from unimoe.data.resumable import ResumableDataLoader
 from unimoe.data.sampler import (
     MixtureSampler, SubsetSampler, TokenBudgetBatchSampler, mixture_probabilities, seed_subset,
 )
@@ -207,12 +213,27 @@ class UniMoEDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
     def _loader(self, data: _Split, batch_sampler, train: bool) -> DataLoader:
-        return DataLoader(data.concat, batch_sampler=batch_sampler, collate_fn=self.maker(train=train),
-                          num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0)
+        kwargs: dict[str, Any] = dict(batch_sampler=batch_sampler, collate_fn=self.maker(train=train),
+                                      num_workers=self.num_workers, pin_memory=self.pin_memory,
+                                      persistent_workers=self.num_workers > 0)
+        if train:
+            return ResumableDataLoader(data.concat, loop_position=self._loop_position, **kwargs)
+        return DataLoader(data.concat, **kwargs)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self._load("train"), self.train_batch_sampler(), train=True)
+    def _loop_position(self) -> Optional[tuple[int, int]]:
+        """The fitting Trainer's ``(current_epoch, batches of it already consumed)``; None outside fit.
+
+        The epoch picks the training order (see :mod:`unimoe.data.resumable` for why not the
+        number Lightning passes to ``set_epoch``); the count lets the loader notice a resume
+        that cannot continue the interrupted order (a checkpoint without data state).
+        """
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not getattr(trainer, "training", False):
+            return None
+        return int(trainer.current_epoch), int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        return self._loader(self._load("train"), self.train_batch_sampler(), train=True)  # type: ignore[return-value]
 
     def val_dataloader(self) -> DataLoader | list:
         data = self._load("val")
