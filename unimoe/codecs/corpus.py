@@ -7,11 +7,11 @@ so a codec can be fitted before any dataset tooling exists. Errors name the file
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable
 
 from unimoe.audio import AudioFileError
+from unimoe.jsonl import iter_json_lines
 
 __all__ = ["AUDIO_EXTENSIONS", "list_audio_files"]
 
@@ -21,16 +21,12 @@ AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", "
 def _from_manifest(manifest: Path) -> list[Path]:
     files: list[Path] = []
     try:
-        lines = manifest.read_text(encoding="utf-8").splitlines()
+        rows = list(iter_json_lines(manifest))
     except (OSError, UnicodeDecodeError) as exc:
         raise AudioFileError(f"cannot read manifest {manifest}: {exc}") from exc
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise AudioFileError(f"manifest {manifest} line {number} is not valid JSON: {exc.msg}") from exc
+    for number, record, error in rows:
+        if error is not None:
+            raise AudioFileError(f"manifest {manifest} line {number}: {error}")
         audio = record.get("audio") if isinstance(record, dict) else None
         if not isinstance(audio, str) or not audio:
             raise AudioFileError(f"manifest {manifest} line {number} has no \"audio\" path")

@@ -16,7 +16,9 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
+
+from unimoe.jsonl import iter_json_lines
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 BUILTIN_TASKS: tuple[str, ...] = ("tts", "t2m", "v2m")
@@ -178,13 +180,6 @@ def resolve_path(value: str | None, base: Path) -> str | None:
     return str(p if p.is_absolute() else (base / p))
 
 
-def iter_manifest_lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    with open(path, encoding="utf-8") as fh:
-        for number, raw in enumerate(fh, start=1):
-            if raw.strip():
-                yield number, raw
-
-
 def check_manifest(path: str | Path, *, check_files: bool = False, tasks: Iterable[str] | None = None) -> tuple[list[tuple[int, ManifestEntry]], list[ManifestProblem]]:
     """Parse and validate every line; return (line, entry) pairs and all problems found.
 
@@ -199,11 +194,9 @@ def check_manifest(path: str | Path, *, check_files: bool = False, tasks: Iterab
     entries: list[tuple[int, ManifestEntry]] = []
     problems: list[ManifestProblem] = []
     first_line: dict[str, int] = {}
-    for number, raw in iter_manifest_lines(path):
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            problems.append(ManifestProblem(str(path), number, None, f"not valid JSON: {exc.msg} (column {exc.colno})"))
+    for number, obj, error in iter_json_lines(path):
+        if error is not None:
+            problems.append(ManifestProblem(str(path), number, None, error))
             continue
         entry, found = parse_entry(obj, path=str(path), line=number, tasks=tasks)
         problems.extend(found)

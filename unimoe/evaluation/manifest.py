@@ -18,10 +18,11 @@ are kept in ``extra``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
+
+from unimoe.jsonl import iter_json_lines
 
 from .errors import ManifestError
 
@@ -87,17 +88,12 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise ManifestError(f"manifest not found: {path}")
     rows: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ManifestError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise ManifestError(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    for lineno, row, error in iter_json_lines(path):
+        if error is not None:
+            raise ManifestError(f"{path}:{lineno}: {error}")
+        if not isinstance(row, dict):
+            raise ManifestError(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
+        rows.append(row)
     if not rows:
         raise ManifestError(f"manifest {path} has no entries")
     return rows

@@ -15,7 +15,6 @@ field a request file may add: it fixes that request's sampling seed.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 from torch import Tensor
 
 from unimoe.data.manifest import FIELD_NAMES, known_tasks
+from unimoe.jsonl import iter_json_lines
 
 REQUEST_FIELDS: tuple[str, ...] = (*FIELD_NAMES, "seed")
 PATH_FIELDS: tuple[str, ...] = ("prompt_audio", "video")
@@ -82,21 +82,17 @@ def read_requests(path: str | Path) -> list[GenerationRequest]:
     if not path.is_file():
         raise RequestError([f"{path}: request file not found"])
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        rows = list(iter_json_lines(path))
     except (OSError, UnicodeDecodeError) as exc:
         raise RequestError([f"{path}: cannot read request file: {exc}"]) from exc
     tasks = known_tasks()
     problems: list[str] = []
     requests: list[GenerationRequest] = []
     seen: dict[str, int] = {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for number, obj, error in rows:
         where = f"{path}:{number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problems.append(f"{where}: not valid JSON ({exc.msg})")
+        if error is not None:
+            problems.append(f"{where}: {error}")
             continue
         request, errors = _parse(obj, where, path.parent, tasks)
         problems += errors
