@@ -27,7 +27,7 @@ def test_save_and_load_roundtrip(tmp_path, preset):
     assert loaded_meta.stage == "joint" and loaded_meta.codec == meta.codec and loaded_meta.config == config
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert not list(tmp_path.glob(".*.tmp*"))
 
 
 def test_errors_name_the_file(tmp_path):

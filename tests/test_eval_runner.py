@@ -277,7 +277,7 @@ def test_checkpoint_mode_through_a_generator(tmp_path, music_dir):
 
 def test_checkpoint_mode_with_a_relative_manifest_and_a_limit(tmp_path, music_dir, monkeypatch):
     """Requests reach the generator with paths that exist from its own folder, limited to N lines."""
-    requests = write_jsonl(tmp_path / "data" / "manifests" / "all.jsonl", [
+    write_jsonl(tmp_path / "data" / "manifests" / "all.jsonl", [
         {"id": f"r{i}", "task": "t2m", "audio": f"../../m/ref{i}.wav", "text": "a chord", "split": "test"}
         for i in range(3)])
     monkeypatch.chdir(tmp_path)  # the manifest is given relative to the working directory

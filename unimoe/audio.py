@@ -14,6 +14,8 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
+from unimoe.atomic import atomic_path
+
 
 class AudioFileError(RuntimeError):
     """An audio file is missing, unreadable, empty or otherwise unusable."""
@@ -52,14 +54,12 @@ def save_audio(path: str | Path, wav: torch.Tensor, sample_rate: int) -> Path:
     half-written file where a finished one is expected.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     wav = wav.detach().float().cpu()
     if wav.dim() == 1:
         wav = wav.unsqueeze(0)
     if wav.dim() != 2:
         raise ValueError(f"save_audio expects [samples] or [channels, samples], got shape {tuple(wav.shape)}")
     data = wav.clamp(-1.0, 1.0).T.numpy()  # [samples, channels]
-    tmp = path.with_name(f".{path.name}.tmp")
-    sf.write(str(tmp), data, sample_rate, subtype="PCM_16", format="WAV")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        sf.write(str(tmp), data, sample_rate, subtype="PCM_16", format="WAV")
     return path

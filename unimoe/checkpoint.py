@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import torch
 
+from unimoe.atomic import atomic_path
 from unimoe.model.config import AudioLMConfig
 from unimoe.moe.config import MoEConfig
 from unimoe.registry import ComponentSpec
@@ -112,14 +113,12 @@ def model_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
 def save_model_checkpoint(path: str | Path, model: torch.nn.Module, metadata: CheckpointMetadata) -> Path:
     """Write a standalone model checkpoint (same layout as a stage's Lightning checkpoint)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "state_dict": {MODEL_PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()},
         METADATA_KEY: metadata.to_dict(),
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, str(tmp))
-    tmp.replace(path)  # never leave a half-written checkpoint under the final name
+    with atomic_path(path) as tmp:  # never a half-written checkpoint under the final name
+        torch.save(payload, str(tmp))
     return path
 
 

@@ -27,6 +27,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from tqdm import tqdm
 
+from unimoe.atomic import atomic_path
 from unimoe.audio import load_audio
 from unimoe.codecs.base import AudioCodec
 from unimoe.codecs.corpus import list_audio_files
@@ -214,9 +215,8 @@ class SpectralRVQCodec(AudioCodec):
             "codebooks": self.codebooks.cpu(),
             "fit": self.fit_info,
         }
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(payload, tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
         return path
 
     def describe(self) -> dict:

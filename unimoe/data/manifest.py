@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
 
+from unimoe.atomic import atomic_path
 from unimoe.jsonl import iter_json_lines
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -244,13 +245,11 @@ def write_manifest(path: str | Path, entries: Iterable[ManifestEntry]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     base = path.parent.resolve()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for entry in entries:
             obj = entry.to_json()
             for key in PATH_FIELDS:
                 if key in obj:
                     obj[key] = _relative(obj[key], base)
             fh.write(json.dumps(obj, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
     return path

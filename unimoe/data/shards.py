@@ -24,11 +24,12 @@ Shards are written under a dot-prefixed temporary name and renamed into place, s
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from unimoe.atomic import atomic_path, write_json_atomic
 
 SHARD_FORMAT = "unimoe-shard"
 SHARD_VERSION = 1
@@ -49,19 +50,11 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.pt"
 
 
-def tmp_name(index: int) -> str:
-    return f".{shard_name(index)}.tmp-{os.getpid()}"
-
-
 def save_shard(directory: Path, index: int, payload: dict[str, Any]) -> Path:
     """Write one shard atomically: temporary file, fsync, rename."""
     final = directory / shard_name(index)
-    tmp = directory / tmp_name(index)
-    with open(tmp, "wb") as fh:
-        torch.save(payload, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
+    with atomic_path(final, durable=True) as tmp:
+        torch.save(payload, tmp)
     return final
 
 
@@ -87,9 +80,7 @@ def codes_dtype(cardinality: int) -> torch.dtype:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, indent=1, ensure_ascii=False)
 
 
 def read_index(directory: str | Path) -> dict[str, Any]:

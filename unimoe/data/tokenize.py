@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import torch
 
+from unimoe.atomic import write_text_atomic
 from unimoe.audio import AudioFileError, load_audio
 from unimoe.data.manifest import ManifestEntry, ManifestError, check_manifest
 from unimoe.data.shards import (
@@ -348,10 +349,7 @@ def tokenize_manifest(
 
         ordered = [summaries[j.index] for j in jobs]
         skipped = [s for summary in ordered for s in summary["skipped"]]
-        with open(out / f".{SKIPPED_FILE}.tmp", "w", encoding="utf-8") as fh:
-            for s in skipped:
-                fh.write(json.dumps(s, ensure_ascii=False) + "\n")
-        os.replace(out / f".{SKIPPED_FILE}.tmp", out / SKIPPED_FILE)
+        write_text_atomic(out / SKIPPED_FILE, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in skipped))
         rows = [row for summary in ordered for row in summary["items"]]
         columns = {key: [row[key] for row in rows] for key in (rows[0] if rows else {})}
         write_json(out / INDEX_FILE, {

@@ -6,11 +6,11 @@ pocketsphinx and one from Whisper-large-v3 must never be confused."""
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from unimoe.atomic import write_text_atomic
 from .result import MetricResult
 
 LABELS = {"wer": "WER", "cer": "CER", "sim": "SIM", "mos": "MOS", "fad": "FAD", "clap": "CLAP", "kl": "KL"}
@@ -107,19 +107,12 @@ def to_markdown(report: EvaluationReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def write_report(report: EvaluationReport, out_dir: str | Path) -> tuple[Path, Path]:
     """Write ``results.json`` and ``results.md`` into ``out_dir``."""
     out_dir = Path(out_dir)
     json_path, md_path = out_dir / "results.json", out_dir / "results.md"
     report.outputs.update({"json": str(json_path), "markdown": str(md_path)})
     # allow_nan=False: a NaN reaching the file is a bug, not a result.
-    _atomic_write(json_path, json.dumps(report.to_dict(), indent=2, allow_nan=False, default=str) + "\n")
-    _atomic_write(md_path, to_markdown(report))
+    write_text_atomic(json_path, json.dumps(report.to_dict(), indent=2, allow_nan=False, default=str) + "\n")
+    write_text_atomic(md_path, to_markdown(report))
     return json_path, md_path

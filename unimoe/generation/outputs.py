@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+from unimoe.atomic import write_json_atomic, write_text_atomic
 from unimoe.audio import save_audio
 from unimoe.generation.generator import GeneratedClip
 
@@ -53,17 +54,11 @@ def write_clips(
             row["text"] = clip.metadata["text"]
         rows.append(row)
     manifest = out / manifest_name
-    _write_text(manifest, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_text_atomic(manifest, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     if skipped:
-        _write_text(out / SKIPPED_NAME, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in skipped))
+        write_text_atomic(out / SKIPPED_NAME, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in skipped))
     return manifest
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    _write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    write_json_atomic(path, data, indent=2, ensure_ascii=False, default=str)

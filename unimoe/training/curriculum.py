@@ -52,7 +52,8 @@ from typing import Any, Optional
 
 import yaml
 
-from unimoe.training.callbacks.finalize import DONE_MARKER, FINAL_CHECKPOINT, FINAL_METRICS, write_json_atomic
+from unimoe.atomic import write_text_atomic
+from unimoe.training.callbacks.finalize import DONE_MARKER, FINAL_CHECKPOINT, FINAL_METRICS, write_status_json
 from unimoe.training.recipe_vars import RecipeError, resolve_data_root, substitute
 
 TOP_KEYS = ("name", "description", "root", "data_root", "launcher", "checkpoint_every_n_steps", "extends",
@@ -546,7 +547,7 @@ class CurriculumRunner:
         run_dir = stage.directory(self.cur.root)
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path = run_dir / STAGE_CONFIG
-        _write_text_atomic(config_path, yaml.safe_dump(cfg, sort_keys=False))
+        write_text_atomic(config_path, yaml.safe_dump(cfg, sort_keys=False))
         argv = ["fit", "--config", str(config_path), "--experiment_name", self.cur.name,
                 "--mlflow_dir", str(self.cur.root), "--run_name", stage.name]
         resumed = None
@@ -618,7 +619,7 @@ class CurriculumRunner:
             record["global_step"] = final_metrics.get("global_step")
             record["metrics"] = {k: v for k, v in final_metrics.get("metrics", {}).items()
                                  if k in ("train/loss", "val/loss") or k.startswith("val/loss/") and k.count("/") == 2}
-        write_json_atomic(d / DONE_MARKER, record)
+        write_status_json(d / DONE_MARKER, record)
         self._record(stage, "done", record)
         return record
 
@@ -630,7 +631,7 @@ class CurriculumRunner:
 
     def _record(self, stage: Stage, status: str, info: dict[str, Any] | None) -> None:
         self.status[stage.name] = {"status": status, **(info or {})}
-        write_json_atomic(self.cur.root / STATUS_FILE, {
+        write_status_json(self.cur.root / STATUS_FILE, {
             "name": self.cur.name, "source": str(self.cur.source), "root": str(self.cur.root),
             "data_root": None if self.cur.data_root is None else str(self.cur.data_root),
             "mlflow": f"sqlite:///{self.cur.root / 'mlflow.db'}",
@@ -672,8 +673,3 @@ def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

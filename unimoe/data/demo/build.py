@@ -21,6 +21,7 @@ from typing import Callable
 
 import soundfile as sf
 
+from unimoe.atomic import write_json_atomic
 from unimoe.data.demo import music, speech, video
 from unimoe.data.demo.sentences import make_sentence
 from unimoe.data.manifest import ManifestEntry, write_manifest
@@ -224,9 +225,7 @@ def _remove_stale_temporaries(out: Path) -> None:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, indent=2)
 
 
 def build_demo_corpus(

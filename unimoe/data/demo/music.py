@@ -18,6 +18,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from unimoe.atomic import atomic_path
 from unimoe.audio import save_audio
 from unimoe.data.demo.speech import ToolMissingError, require_tool
 
@@ -309,10 +310,8 @@ def render(midi: mido.MidiFile, out: Path, sample_rate: int, seconds: float, tai
 
 
 def write_midi(midi: mido.MidiFile, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    midi.save(str(tmp))
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        midi.save(str(tmp))
 
 
 

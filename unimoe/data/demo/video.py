@@ -10,12 +10,12 @@ tempo and mood off the video. Saved as ``.npz`` with ``frames [F, H, W, 3] uint8
 from __future__ import annotations
 
 import colorsys
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 
+from unimoe.atomic import atomic_path
 from unimoe.data.demo.music import PieceParams
 
 MOOD_HUES: dict[str, tuple[float, float]] = {
@@ -71,8 +71,5 @@ def render_frames(params: PieceParams, seconds: float, fps: float = 8.0, size: i
 
 def save_video(path: Path, frames: np.ndarray, fps: float) -> None:
     """Write ``frames`` and ``fps`` as .npz atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, frames=frames, fps=np.float32(fps))
-    os.replace(tmp, path)

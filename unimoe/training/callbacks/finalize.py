@@ -8,13 +8,14 @@ next stage reads it through ``init_from`` and needs no optimizer state.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+
+from unimoe.atomic import write_json_atomic
 
 FINAL_CHECKPOINT = "final.ckpt"
 FINAL_METRICS = "final_metrics.json"
@@ -50,16 +51,13 @@ class StageFinalizer(Callback):
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if _is_number(v)}
             record = {"global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch),
                       "checkpoint": str(path), "metrics": metrics}
-            write_json_atomic(run_dir / FINAL_METRICS, record)
+            write_status_json(run_dir / FINAL_METRICS, record)
         trainer.strategy.barrier("unimoe-final-checkpoint")
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """JSON written under a temporary name, then renamed (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+def write_status_json(path: Path, data: dict) -> None:
+    """A stage's status/metrics file: sorted, indented JSON, written atomically."""
+    write_json_atomic(path, data, indent=2, sort_keys=True, default=str)
 
 
 def _is_number(value) -> bool:

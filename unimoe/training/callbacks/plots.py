@@ -19,6 +19,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from unimoe.atomic import atomic_path
+
 
 def expert_load_figure(
     shares: np.ndarray, groups: Sequence[str], expert_labels: Sequence[str], layers: Sequence[int], title: str
@@ -85,8 +87,6 @@ def activated_experts_figure(hist: np.ndarray, layers: Sequence[int], title: str
 
 def save_figure(fig: Figure, path: Path) -> Path:
     """PNG written under a temporary name, then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     return path
