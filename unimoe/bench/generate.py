@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from unimoe.devices import resolve_device
 from unimoe.generation.decode import DecodeOutput, decode
 from unimoe.generation.generator import effective_router_top_p, inference_mode
 from unimoe.generation.sampling import CodebookSampling
@@ -90,8 +91,7 @@ def _experts(out: DecodeOutput) -> float | None:
 def run(cfg: GenerateBenchConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    device = resolve_device(cfg.device)
     model = build_model(cfg).to(device=device, dtype=DTYPES[cfg.dtype])
     if model.config.moe is None:
         raise ValueError(f"--preset {cfg.preset} is dense: the low-top-p variant needs an MoE preset (e.g. small-moe)")

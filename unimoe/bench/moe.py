@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from unimoe.devices import resolve_device
 from unimoe.moe import MoEConfig, build_moe_layer
 from unimoe.moe.dispatch import dispatch, group_slots
 from unimoe.moe.experts import SwiGLUExperts
@@ -179,7 +180,7 @@ def build(cfg: MoEBenchConfig, device: torch.device, dtype: torch.dtype) -> MoEL
 
 
 def run(cfg: MoEBenchConfig) -> dict:
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg.device)
     dtype = DTYPES[cfg.dtype]
     torch.manual_seed(cfg.seed)
     layer = build(cfg, device, dtype)

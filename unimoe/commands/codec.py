@@ -17,22 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
+
+from unimoe.codecs.spec import parse_codec_spec
 
 __all__ = ["main", "parse_codec_spec", "roundtrip"]
-
-
-def parse_codec_spec(text: str) -> Any:
-    """``"encodec"`` / ``"{name: vocos, bandwidth: 3}"`` / ``"codec.pt"`` -> a registry spec."""
-    if Path(text).suffix in (".pt", ".pth") or Path(text).is_file():
-        return {"name": "spectral_rvq", "path": text}
-    try:
-        spec = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"--codec {text!r} is neither a codec name, a codec file nor valid JSON/YAML: {exc}") from exc
-    if not isinstance(spec, (str, dict)):
-        raise ValueError(f"--codec must be a name, a mapping or a codec file, got {text!r}")
-    return spec
 
 
 def roundtrip(codec: Any, source: Path, target: Path) -> dict[str, Any]:

@@ -15,28 +15,16 @@ import argparse
 import os
 import sys
 
-import yaml
 
 
 def _codec_spec(text: str):
     """Name / import path / JSON-YAML mapping / .yaml file / fitted ``spectral_rvq`` file (.pt)."""
-    text = text.strip()
-    if text.endswith((".pt", ".pth")):
-        if not os.path.isfile(text):
-            raise argparse.ArgumentTypeError(f"--codec file not found: {text}")
-        return {"name": "spectral_rvq", "path": os.path.abspath(text)}
-    if text.startswith("{"):
-        try:
-            spec = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise argparse.ArgumentTypeError(f"--codec is not valid JSON/YAML: {exc}") from exc
-        if not isinstance(spec, dict):
-            raise argparse.ArgumentTypeError("--codec mapping must be an object")
-        return spec
-    if text.endswith((".yaml", ".yml")) and os.path.isfile(text):
-        with open(text, encoding="utf-8") as fh:
-            return yaml.safe_load(fh)
-    return text
+    from unimoe.codecs.spec import parse_codec_spec
+
+    try:
+        return parse_codec_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def build_parser() -> argparse.ArgumentParser:

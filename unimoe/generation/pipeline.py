@@ -9,12 +9,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from unimoe import devices
 from unimoe.checkpoint import load_model
 from unimoe.generation.generator import GenerationError, Generator
 from unimoe.generation.outputs import write_clips
@@ -26,13 +26,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` = CUDA when available, else CPU; asking for an absent CUDA is an error."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise GenerationError(f"device {device!r} requested but CUDA is not available (use --device cpu)")
-    return dev
+    """:func:`unimoe.devices.resolve_device`, failing as a generation error."""
+    try:
+        return devices.resolve_device(device)
+    except ValueError as exc:
+        raise GenerationError(str(exc)) from exc
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -45,15 +43,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def parse_codec_spec(text: str) -> ComponentSpec:
-    """A ``--codec`` value: a JSON object (``{"name": "spectral_rvq", "path": "codec.pt"}``) or a registered name."""
-    text = text.strip()
-    if text.startswith("{"):
-        try:
-            spec = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise GenerationError(f"--codec is not valid JSON: {exc.msg}: {text}") from exc
-        return spec
-    return text
+    """A ``--codec`` value (see :func:`unimoe.codecs.spec.parse_codec_spec`) as a generation error."""
+    from unimoe.codecs.spec import parse_codec_spec as parse
+
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise GenerationError(str(exc)) from exc
 
 
 def build_codec(spec: ComponentSpec, source: str):
