@@ -11,6 +11,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def resolve_path(value: str | None, base: Path) -> str | None:
+    """A path value read from a JSON Lines file, made absolute: relative paths (and ``~``)
+    are relative to ``base``, the folder of the file that named them."""
+    if value is None:
+        return None
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else base / p)
+
+
 def iter_json_lines(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
     """Yield ``(line number, parsed value, None)`` or ``(line number, None, error)`` per non-blank line.
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterable
 
 from unimoe.audio import AudioFileError
-from unimoe.jsonl import iter_json_lines
+from unimoe.jsonl import iter_json_lines, resolve_path
 
 __all__ = ["AUDIO_EXTENSIONS", "list_audio_files"]
 
@@ -30,8 +30,7 @@ def _from_manifest(manifest: Path) -> list[Path]:
         audio = record.get("audio") if isinstance(record, dict) else None
         if not isinstance(audio, str) or not audio:
             raise AudioFileError(f"manifest {manifest} line {number} has no \"audio\" path")
-        path = Path(audio).expanduser()
-        files.append(path if path.is_absolute() else manifest.parent / path)
+        files.append(Path(resolve_path(audio, manifest.parent)))
     return files
 
 

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
 
 from unimoe.atomic import atomic_path
-from unimoe.jsonl import iter_json_lines
+from unimoe.jsonl import iter_json_lines, resolve_path
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 BUILTIN_TASKS: tuple[str, ...] = ("tts", "t2m", "v2m")
@@ -171,14 +170,6 @@ def parse_entry(obj: Any, *, path: str, line: int, tasks: Iterable[str]) -> tupl
     if "duration" in values:
         values["duration"] = float(values["duration"])
     return ManifestEntry(**values), problems
-
-
-def resolve_path(value: str | None, base: Path) -> str | None:
-    """An absolute path for a manifest path value (relative paths are relative to ``base``)."""
-    if value is None:
-        return None
-    p = Path(os.path.expanduser(value))
-    return str(p if p.is_absolute() else (base / p))
 
 
 def check_manifest(path: str | Path, *, check_files: bool = False, tasks: Iterable[str] | None = None) -> tuple[list[tuple[int, ManifestEntry]], list[ManifestProblem]]:

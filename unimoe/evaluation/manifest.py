@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from unimoe.jsonl import iter_json_lines
+from unimoe.jsonl import iter_json_lines, resolve_path
 
 from .errors import ManifestError
 
@@ -104,8 +104,7 @@ def _path(value: Any, root: Path, where: str, key: str) -> Path | None:
         return None
     if not isinstance(value, str):
         raise ManifestError(f"{where}: field {key!r} must be a path string, got {value!r}")
-    p = Path(value).expanduser()
-    return p if p.is_absolute() else root / p
+    return Path(resolve_path(value, root))
 
 
 def _text(value: Any, where: str, key: str) -> str | None:

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 
+from unimoe.jsonl import resolve_path
 from unimoe.registry import METRICS, ComponentSpec
 
 from .backends.base import MetricBackend
@@ -142,8 +143,8 @@ def _absolute_paths(row: dict[str, Any], base: Path) -> dict[str, Any]:
     out = dict(row)
     for key in ("audio", "prompt_audio", "video", "reference_audio"):
         value = out.get(key)
-        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
-            out[key] = str(base / value)
+        if isinstance(value, str) and value:
+            out[key] = resolve_path(value, base)
     return out
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from torch import Tensor
 
 from unimoe.data.manifest import FIELD_NAMES, known_tasks
-from unimoe.jsonl import iter_json_lines
+from unimoe.jsonl import iter_json_lines, resolve_path
 
 REQUEST_FIELDS: tuple[str, ...] = (*FIELD_NAMES, "seed")
 PATH_FIELDS: tuple[str, ...] = ("prompt_audio", "video")
@@ -131,7 +131,7 @@ def _parse(obj: Any, where: str, base: Path, tasks: tuple[str, ...]) -> tuple[Ge
         problems.append(f"{where}: field 'task': unknown task {task!r}; known tasks: {', '.join(tasks)}")
     if problems:
         return None, problems
-    paths = {k: _resolve(obj[k], base) for k in PATH_FIELDS if obj.get(k)}
+    paths = {k: resolve_path(obj[k], base) for k in PATH_FIELDS if obj.get(k)}
     extra = {k: v for k, v in obj.items() if k not in ("id", "task", "text", "prompt_text", "seed", *PATH_FIELDS)}
     return GenerationRequest(
         id=obj["id"], task=task, text=obj.get("text"), prompt_audio=paths.get("prompt_audio"),
@@ -139,6 +139,4 @@ def _parse(obj: Any, where: str, base: Path, tasks: tuple[str, ...]) -> tuple[Ge
     ), []
 
 
-def _resolve(value: str, base: Path) -> str:
-    p = Path(value).expanduser()
-    return str(p if p.is_absolute() else base / p)
+
