@@ -113,13 +113,6 @@ class Registry(Generic[T]):
             f"A full import path (package.module.Class) also works."
         )
 
-    def name_of(self, factory: Callable[..., Any]) -> str | None:
-        """The registered name of ``factory`` (or None): used to write readable configs."""
-        for name, obj in self._factories.items():
-            if obj is factory:
-                return name
-        return None
-
     # ------------------------------------------------------------------ building
     def build(self, spec: ComponentSpec | T, **context: Any) -> T:
         """Build a component from ``spec``; ``context`` kwargs go only where accepted."""

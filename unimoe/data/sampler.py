@@ -309,9 +309,6 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
 
-    def padded_tokens(self, batch: Sequence[int]) -> int:
-        return len(batch) * int(self.lengths[list(batch)].max())
-
     def _all_batches(self) -> list[list[int]]:
         """Every rank's batches for the current epoch (identical on all ranks)."""
         epoch = self.epoch

@@ -93,6 +93,8 @@ class TokenizeReport:
 # ---------------------------------------------------------------------- per-example work
 class _Skip(Exception):
     def __init__(self, reason: str, detail: str = ""):
+        if reason not in SKIP_REASONS:  # the report groups by reason: keep the vocabulary closed
+            raise ValueError(f"unknown skip reason {reason!r}; known: {', '.join(SKIP_REASONS)}")
         super().__init__(reason)
         self.reason, self.detail = reason, detail
 

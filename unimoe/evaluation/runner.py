@@ -93,10 +93,6 @@ def build_backend(spec: ComponentSpec | MetricBackend, cache: bool = True) -> Me
     return backend
 
 
-def clear_backend_cache() -> None:
-    _BACKENDS.clear()
-
-
 # ------------------------------------------------------------------------- scoring
 def evaluate_items(
     suite: Suite,
