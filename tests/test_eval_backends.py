@@ -66,6 +66,16 @@ def test_whisper_base_offline_transcribes_espeak_speech(speech):
     assert {"quick", "brown", "fox", "lazy"} <= set(hyp.split())
 
 
+def test_whisper_wer_is_reproducible_on_audio_that_defeats_it(speech):
+    """Babble (speech over reversed speech) makes Whisper fall back to temperature sampling by
+    default; a metric must give the same transcript every time."""
+    asr = build_backend("whisper_base_offline")
+    a, b = _clip(speech["m3_s1"], asr.sample_rate), _clip(speech["f3_s3"], asr.sample_rate)
+    n = min(len(a), len(b))
+    babble = np.ascontiguousarray((a[:n] + b[:n][::-1]) * 0.6, dtype=np.float32)
+    assert len({asr.transcribe(babble, "en") for _ in range(8)}) == 1
+
+
 def test_pocketsphinx_decodes_speech_to_words(speech):
     asr = build_backend("pocketsphinx")
     hyp = normalize_text(asr.transcribe(_clip(speech["m3_s2"], asr.sample_rate)))

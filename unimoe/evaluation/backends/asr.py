@@ -86,12 +86,15 @@ class FasterWhisperASR(ASRBackend):
             ) from exc
 
     def describe(self) -> str:
-        return f"Whisper {self.model_name} (faster-whisper, CTranslate2 {self.compute_type}, beam {self.beam_size})"
+        return (f"Whisper {self.model_name} (faster-whisper, CTranslate2 {self.compute_type}, beam {self.beam_size}, "
+                f"temperature 0)")
 
     def transcribe(self, wav: np.ndarray, language: str | None = None) -> str:
+        # temperature=0.0: no sampling fallback. faster-whisper's default retries badly scoring
+        # segments at rising temperatures, which makes WER of poor audio change from run to run.
         segments, _ = self._model.transcribe(
             np.ascontiguousarray(wav, dtype=np.float32), language=language or self.language,
-            beam_size=self.beam_size, condition_on_previous_text=False, vad_filter=False,
+            beam_size=self.beam_size, temperature=0.0, condition_on_previous_text=False, vad_filter=False,
         )
         return "".join(s.text for s in segments).strip()
 
