@@ -147,7 +147,7 @@ def test_codec_and_model_mismatches_are_refused(shards):
         _module(shards, model="tiny")
     with pytest.raises(CodecMismatchError, match="hop_length"):
         _module(shards, codec=FrameEnergyCodec(hop_length=160).describe())
-    with pytest.raises(ShardError, match="no index.json"):
+    with pytest.raises(ShardError, match="not a finished shard directory"):
         _module({"x": str(shards["speech"]) + "-missing"})
 
 

@@ -45,29 +45,39 @@ log = logging.getLogger(__name__)
 
 
 class _Split:
-    """The datasets of one split, one per source, with lengths that fit the limits."""
+    """The datasets of one split, one per source, with lengths that fit the limits.
+
+    Per example it keeps only numpy arrays (lengths, kept positions): a few bytes each,
+    never Python objects, so a 5M-example mix stays small in every rank.
+    """
 
     def __init__(self, datasets: dict[str, ShardDataset], maker: SequenceMaker, max_len: int, max_tokens: int) -> None:
         self.names = list(datasets)
         self.kept: dict[str, np.ndarray] = {}
-        self.lengths: dict[str, np.ndarray] = {}
         self.datasets = datasets
-        for name, ds in datasets.items():
-            lengths = np.array([maker.length(ds.row(i)) for i in range(len(ds))], dtype=np.int64)
-            limit = min(max_len, max_tokens)
-            ok = lengths <= limit
+        lengths = [maker.lengths(datasets[n]) for n in self.names]
+        limit = min(max_len, max_tokens)
+        for name, ds, length in zip(self.names, (datasets[n] for n in self.names), lengths):
+            ok = length <= limit
             if (~ok).any():
-                worst = int(np.argmax(lengths))
+                worst = int(np.argmax(length))
                 log.warning("source %r (%s): leaving out %d of %d examples longer than %d tokens (longest: %s, %d tokens)",
-                            name, ds.split, int((~ok).sum()), len(ds), limit, ds.rows["id"][worst], int(lengths[worst]))
-            self.kept[name] = np.nonzero(ok)[0]
-            self.lengths[name] = lengths
+                            name, ds.split, int((~ok).sum()), len(ds), limit, ds.row(worst)["id"], int(length[worst]))
+            self.kept[name] = np.nonzero(ok)[0].astype(_index_dtype(len(ds)))
         self.concat = ConcatDataset([datasets[n] for n in self.names])
         self.offsets = [0, *np.cumsum([len(datasets[n]) for n in self.names])[:-1].tolist()]
-        self.all_lengths = np.concatenate([self.lengths[n] for n in self.names]) if self.names else np.zeros(0, np.int64)
+        self.all_lengths = (np.concatenate(lengths) if lengths else np.zeros(0, np.int64)).astype(np.int32)
+
+    @property
+    def lengths(self) -> dict[str, np.ndarray]:
+        return {n: self.all_lengths[o: o + len(self.datasets[n])] for n, o in zip(self.names, self.offsets)}
 
     def sizes(self) -> dict[str, int]:
         return {n: len(self.kept[n]) for n in self.names}
+
+
+def _index_dtype(n: int) -> type:
+    return np.int32 if n < 2**31 else np.int64
 
 
 class UniMoEDataModule(L.LightningDataModule):
@@ -186,7 +196,7 @@ class UniMoEDataModule(L.LightningDataModule):
         local = [data.kept[n] for n in data.names]
         if self.mix == "seed":  # balanced by construction: every subset example equally often
             picked = seed_subset([len(x) for x in local], p, self.seed_size, seed=self.seed)
-            subset = np.concatenate([x[sel] + o for x, sel, o in zip(local, picked, data.offsets)])
+            subset = np.concatenate([x[sel].astype(np.int64) + o for x, sel, o in zip(local, picked, data.offsets)])
             sampler = SubsetSampler(subset, self.samples_per_epoch, seed=self.seed)
         else:
             n = self.samples_per_epoch or int(sum(len(x) for x in local))
@@ -197,7 +207,7 @@ class UniMoEDataModule(L.LightningDataModule):
                                        num_replicas=world, rank=rank)
 
     def _eval_batch_sampler(self, data: _Split) -> TokenBudgetBatchSampler:
-        kept = np.concatenate([data.kept[n] + o for n, o in zip(data.names, data.offsets)]) if data.names else []
+        kept = np.concatenate([data.kept[n].astype(np.int64) + o for n, o in zip(data.names, data.offsets)]) if data.names else np.zeros(0, np.int64)
         world, rank = self._world()
         return TokenBudgetBatchSampler(_Fixed(kept), data.all_lengths, self.max_tokens, num_buckets=self.num_buckets,
                                        max_batch_size=self.max_batch_size, shuffle=False, num_replicas=world, rank=rank)
@@ -248,14 +258,17 @@ class _Fixed:
     """A fixed index list as a sampler (evaluation order)."""
 
     def __init__(self, indices) -> None:
-        self.indices = [int(i) for i in indices]
+        self.indices = np.asarray(indices, dtype=np.int64)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def order(self) -> np.ndarray:
+        return self.indices
+
     def __iter__(self):
-        return iter(self.indices)
+        return iter(self.indices.tolist())
 
     def __len__(self) -> int:
         return len(self.indices)

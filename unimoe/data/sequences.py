@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 from unimoe.data.dataset import Example
@@ -68,25 +69,78 @@ class SequenceMaker:
     def length(self, row: Mapping[str, Any]) -> int:
         """Exact length of the fully conditioned sequence of an index row (``ShardDataset.row``).
 
-        Builders depend on text only through its token count, so the conditioning length is
-        computed once per (task, token counts, prompt/video sizes) and reused.
+        Builders depend on text only through its token count (and whether there is any), so
+        the conditioning length is computed once per (task, token counts, text present,
+        prompt/video sizes) and reused.
         """
-        b = self.builder(row["task"])
-        tok = b.tokenizer
         text, prompt_text = row.get("text"), row.get("prompt_text")
+        tok = self.builder(row["task"]).tokenizer
         n_text = len(tok.encode(text)) if text else 0
         n_ptext = len(tok.encode(prompt_text)) if prompt_text else 0
-        video_size = tuple(row["video_size"]) if row.get("video_size") else None
-        key = (row["task"], n_text, n_ptext, row.get("prompt_frames", 0), row.get("video_frames", 0), video_size)
+        video_size = tuple(row["video_size"]) if row.get("video_size") else (0, 0)
+        key = (row["task"], n_text, n_ptext, text is None, prompt_text is None, row.get("prompt_frames", 0),
+               row.get("video_frames", 0), *video_size)
+        return self._condition_length(key, row) + int(row["frames"]) + 2 + max(self.model.delays)  # + delayed target
+
+    def _condition_length(self, key: tuple, row: Mapping[str, Any]) -> int:
+        """Length of the conditioning prefix (without the target's BOS frame) of rows like ``row``."""
         cond = self._memo.get(key)
         if cond is None:
+            b = self.builder(row["task"])
             C = self.model.num_codebooks
             prompt = torch.zeros(C, row["prompt_frames"], dtype=torch.long) if row.get("prompt_frames") else None
+            video_size = tuple(row["video_size"]) if row.get("video_size") else None
             video = (torch.zeros(row["video_frames"], 3, *video_size, dtype=torch.uint8)
                      if row.get("video_frames") and video_size else None)
-            conds = self._conditions(b, text, prompt, prompt_text, video)
+            conds = self._conditions(b, row.get("text"), prompt, row.get("prompt_text"), video)
             cond = self._memo[key] = len(b.prefix(cond=True, **conds)) - 1  # minus the target's BOS frame
-        return cond + int(row["frames"]) + 2 + max(self.model.delays)  # + delayed target segment
+        return cond
+
+    def lengths(self, dataset: Any, chunk: int = 1 << 20) -> np.ndarray:
+        """``length(row)`` of every example of a :class:`~unimoe.data.dataset.ShardDataset`, vectorised.
+
+        Reads the index columns ``chunk`` rows at a time (bounded temporary memory), groups
+        rows by their conditioning key and builds one prefix per distinct key. Text is
+        tokenised row by row except for the byte tokenizer, whose count is the UTF-8 length
+        stored in the index.
+        """
+        out = [self._index_lengths(part.index, rows[a: a + chunk])
+               for part in dataset.parts for rows in [part.row_numbers()] for a in range(0, len(rows), chunk)]
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def _index_lengths(self, index: Any, rows: np.ndarray) -> np.ndarray:
+        tasks = index.categories("task")
+        codes = np.asarray(index.column("task"))[rows]
+        frames = np.asarray(index.column("frames"))[rows].astype(np.int64)
+        sizes = np.asarray(index.column("video_size"))[rows].clip(min=0)
+        cond = np.zeros(len(rows), np.int64)
+        for code in np.unique(codes):
+            sel = np.nonzero(codes == code)[0]
+            tok = self.builder(tasks[code]).tokenizer
+            keys = np.stack([self._token_counts(tok, index.strings("text"), rows[sel]),
+                             self._token_counts(tok, index.strings("prompt_text"), rows[sel]),
+                             index.strings("text").is_null(rows[sel]), index.strings("prompt_text").is_null(rows[sel]),
+                             np.asarray(index.column("prompt_frames"))[rows[sel]],
+                             np.asarray(index.column("video_frames"))[rows[sel]], sizes[sel, 0], sizes[sel, 1]],
+                            axis=1).astype(np.int64)
+            unique, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+            values = np.array([self._condition_length((tasks[code], *map(int, key[:2]), bool(key[2]), bool(key[3]),
+                                                       *map(int, key[4:])), index.row(int(rows[sel[f]])))
+                               for key, f in zip(unique, first)], dtype=np.int64)
+            cond[sel] = values[inverse.reshape(-1)]
+        return cond + frames + 2 + max(self.model.delays)
+
+    @staticmethod
+    def _token_counts(tok: Any, column: Any, rows: np.ndarray) -> np.ndarray:
+        from unimoe.model.text_tokenizer import ByteTokenizer
+
+        if type(tok) is ByteTokenizer:  # one id per UTF-8 byte: the index already has the count
+            return column.byte_lengths(rows)
+        counts = np.zeros(len(rows), np.int64)
+        for j, r in enumerate(rows):
+            text = column[int(r)]
+            counts[j] = len(tok.encode(text)) if text else 0
+        return counts
 
     # ------------------------------------------------------------------ sequences
     def rng(self) -> random.Random:

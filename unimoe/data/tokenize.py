@@ -18,6 +18,7 @@ import json
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import shutil
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -30,9 +31,10 @@ import torch
 from unimoe.atomic import write_text_atomic
 from unimoe.audio import AudioFileError, load_audio
 from unimoe.data.manifest import ManifestEntry, ManifestError, check_manifest
+from unimoe.data.index import INDEX_DIR, LEGACY_INDEX_FILE, IndexWriter
 from unimoe.data.shards import (
-    INDEX_FILE, SETTINGS_FILE, SHARD_FORMAT, SHARD_VERSION, SKIPPED_FILE, ShardError, codes_dtype,
-    codec_record, load_shard, save_shard, shard_name, write_json,
+    SETTINGS_FILE, SHARD_FORMAT, SHARD_VERSION, SKIPPED_FILE, ShardError, codes_dtype, codec_record, load_shard,
+    save_shard, shard_name, write_json,
 )
 from unimoe.data.video import VideoFileError, load_video
 from unimoe.registry import ComponentSpec
@@ -324,9 +326,13 @@ def tokenize_manifest(
 
     with _DirLock(out):
         _check_settings(out, run_info, overwrite)
-        (out / INDEX_FILE).unlink(missing_ok=True)  # the folder is incomplete until the end
+        (out / LEGACY_INDEX_FILE).unlink(missing_ok=True)  # the folder is incomplete until the end
+        if (out / INDEX_DIR).exists():
+            shutil.rmtree(out / INDEX_DIR)
         for stale in out.glob(".shard-*.pt.tmp-*"):
             stale.unlink()  # half-written by a killed run; never read
+        for stale in [*out.glob(f".{INDEX_DIR}.tmp-*"), *out.glob(f".{INDEX_DIR}.old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)
         write_json(out / SETTINGS_FILE, run_info)
 
         jobs = []
@@ -352,15 +358,16 @@ def tokenize_manifest(
         ordered = [summaries[j.index] for j in jobs]
         skipped = [s for summary in ordered for s in summary["skipped"]]
         write_text_atomic(out / SKIPPED_FILE, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in skipped))
-        rows = [row for summary in ordered for row in summary["items"]]
-        columns = {key: [row[key] for row in rows] for key in (rows[0] if rows else {})}
-        write_json(out / INDEX_FILE, {
-            "format": SHARD_FORMAT + "-index", "version": SHARD_VERSION, "codec": codec_info, "config": asdict(cfg),
-            "manifest": str(manifest), "num_items": len(rows),
+        index = IndexWriter()
+        for summary in ordered:
+            for row in summary["items"]:
+                index.add(row)
+        index.write(out, {
+            "codec": codec_info, "config": asdict(cfg), "manifest": str(manifest),
             "shards": [{"file": shard_name(s["shard"]), "items": len(s["items"]), "skipped": len(s["skipped"])} for s in ordered],
-            "skipped": dict(Counter(s["reason"] for s in skipped)), "items": columns,
+            "skipped": dict(Counter(s["reason"] for s in skipped)),
         })
-    return TokenizeReport(out, len(jobs), len(pending), len(jobs) - len(pending), len(rows), skipped,
+    return TokenizeReport(out, len(jobs), len(pending), len(jobs) - len(pending), index.num_items, skipped,
                           time.perf_counter() - start, codec_info)
 
 
