@@ -78,9 +78,28 @@ class SequenceMaker:
         n_text = len(tok.encode(text)) if text else 0
         n_ptext = len(tok.encode(prompt_text)) if prompt_text else 0
         video_size = tuple(row["video_size"]) if row.get("video_size") else (0, 0)
-        key = (row["task"], n_text, n_ptext, text is None, prompt_text is None, row.get("prompt_frames", 0),
-               row.get("video_frames", 0), *video_size)
+        features = np.array([[n_text, n_ptext, text is None, prompt_text is None, row.get("prompt_frames", 0),
+                              row.get("video_frames", 0), *video_size]], dtype=np.int64)
+        key = (row["task"], *map(int, self._mask_features(row["task"], features)[0]))
         return self._condition_length(key, row) + int(row["frames"]) + 2 + max(self.model.delays)  # + delayed target
+
+    def _mask_features(self, task: str, features: np.ndarray) -> np.ndarray:
+        """Clear the key features of conditions ``task``'s builder does not take (so they never split a key).
+
+        Columns: text tokens, prompt-text tokens, text is None, prompt text is None, prompt
+        frames, video frames, video height, video width.
+        """
+        accepted = self._accepted(self.builder(task))
+        out = features.copy()
+        if "text" not in accepted:
+            out[:, 0], out[:, 2] = 0, 1
+        if "prompt_text" not in accepted:
+            out[:, 1], out[:, 3] = 0, 1
+        if "prompt" not in accepted:
+            out[:, 4] = 0
+        no_video = (out[:, 5] == 0) | (out[:, 6] == 0) if "video" in accepted else np.ones(len(out), bool)
+        out[no_video, 5:8] = 0
+        return out
 
     def _condition_length(self, key: tuple, row: Mapping[str, Any]) -> int:
         """Length of the conditioning prefix (without the target's BOS frame) of rows like ``row``."""
@@ -117,15 +136,15 @@ class SequenceMaker:
         for code in np.unique(codes):
             sel = np.nonzero(codes == code)[0]
             tok = self.builder(tasks[code]).tokenizer
-            keys = np.stack([self._token_counts(tok, index.strings("text"), rows[sel]),
-                             self._token_counts(tok, index.strings("prompt_text"), rows[sel]),
-                             index.strings("text").is_null(rows[sel]), index.strings("prompt_text").is_null(rows[sel]),
-                             np.asarray(index.column("prompt_frames"))[rows[sel]],
-                             np.asarray(index.column("video_frames"))[rows[sel]], sizes[sel, 0], sizes[sel, 1]],
-                            axis=1).astype(np.int64)
+            features = np.stack([self._token_counts(tok, index.strings("text"), rows[sel]),
+                                 self._token_counts(tok, index.strings("prompt_text"), rows[sel]),
+                                 index.strings("text").is_null(rows[sel]), index.strings("prompt_text").is_null(rows[sel]),
+                                 np.asarray(index.column("prompt_frames"))[rows[sel]],
+                                 np.asarray(index.column("video_frames"))[rows[sel]], sizes[sel, 0], sizes[sel, 1]],
+                                axis=1).astype(np.int64)
+            keys = self._mask_features(tasks[code], features)
             unique, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
-            values = np.array([self._condition_length((tasks[code], *map(int, key[:2]), bool(key[2]), bool(key[3]),
-                                                       *map(int, key[4:])), index.row(int(rows[sel[f]])))
+            values = np.array([self._condition_length((tasks[code], *map(int, key)), index.row(int(rows[sel[f]])))
                                for key, f in zip(unique, first)], dtype=np.int64)
             cond[sel] = values[inverse.reshape(-1)]
         return cond + frames + 2 + max(self.model.delays)
