@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenize": ("unimoe.commands.tokenize:main", "encode a manifest's audio into codec-token shards"),
     "generate": ("unimoe.commands.generate:main", "generate speech or music from a checkpoint"),
     "evaluate": ("unimoe.commands.evaluate:main", "score a checkpoint or a folder of WAVs with a suite"),
+    "plan": ("unimoe.commands.plan:main", "per-device memory of a stage (params, grads, optimizer, activations): does it fit?"),
     "bench": ("unimoe.commands.bench:main", "run a benchmark and print JSON"),
     "demo": ("unimoe.commands.demo:main", "the offline end-to-end demo: corpus, curriculum, samples, scores"),
     "plugins": ("unimoe.commands.plugins:main", "list every registered plug-in component"),
