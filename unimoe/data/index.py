@@ -461,13 +461,18 @@ def load_columns(directory: str | Path) -> ShardIndex:
     return ShardIndex(directory, meta, arrays, files=folder)
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
+def _read_json(path: Path, hint: str = "") -> Any:
+    """A JSON file, or a :class:`ShardError` naming it (missing, not JSON)."""
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ShardError(f"{path} not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ShardError(f"{path} is not valid JSON ({exc}); {_rebuild_hint(path.parent.parent)}") from exc
+        raise ShardError(f"{path} is not valid JSON ({exc}){hint}") from exc
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    meta = _read_json(path, f"; {_rebuild_hint(path.parent.parent)}")
     if not isinstance(meta, dict) or meta.get("format") != COLUMNS_FORMAT:
         raise ShardError(f"{path} is not a {COLUMNS_FORMAT} file")
     if meta.get("version") != COLUMNS_VERSION:
@@ -566,12 +571,7 @@ def _source_record(path: Path) -> dict[str, Any]:
 def read_legacy_index(directory: str | Path) -> dict[str, Any]:
     """The ``index.json`` of a folder tokenised before the columnar index (a dict of lists)."""
     path = Path(directory) / LEGACY_INDEX_FILE
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ShardError(f"{path} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ShardError(f"{path} is not valid JSON: {exc}") from exc
+    index = _read_json(path)
     if not isinstance(index, dict) or index.get("format") != SHARD_FORMAT + "-index":
         raise ShardError(f"{path} is not a shard index")
     missing = [k for k in (*HEADER_KEYS, "items") if k not in index]
