@@ -181,7 +181,7 @@ def resolve_model(recipe: StageRecipe, override: Any = None) -> tuple[AudioLMCon
         return model_config(args["model"], f"{recipe.where}: model.init_args.model"), "model.init_args.model"
     init = args.get("init_from")
     path = init.get("path") if isinstance(init, dict) else init
-    if path is not None and Path(str(path)).is_file():
+    if path is not None and Path(str(path)).exists():
         return _checkpoint_config(Path(str(path))), f"init_from checkpoint {path}"
     if recipe.curriculum is not None and recipe.stage is not None and recipe.stage.init_from is not None:
         return _curriculum_model(recipe.curriculum, recipe.stage, ())
@@ -191,15 +191,13 @@ def resolve_model(recipe: StageRecipe, override: Any = None) -> tuple[AudioLMCon
 
 
 def _checkpoint_config(path: Path) -> AudioLMConfig:
-    import torch
-
-    from unimoe.checkpoint import read_metadata
+    """The model config a ``.ckpt`` or model folder records (memory-mapped, ``weights_only``: nothing runs)."""
+    from unimoe.checkpoint import CheckpointError, open_model_file
 
     try:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
-    except Exception as exc:  # noqa: BLE001
-        raise PlanError(f"cannot read checkpoint {path}: {exc}") from exc
-    return read_metadata(ckpt, path).config
+        return open_model_file(path).metadata.config
+    except CheckpointError as exc:
+        raise PlanError(str(exc)) from exc
 
 
 def _curriculum_model(cur: Any, stage: Any, seen: tuple[str, ...]) -> tuple[AudioLMConfig, str]:
