@@ -148,10 +148,6 @@ class ShardDataset(Dataset):
         """The task of every example (a Python list: for small datasets and tests)."""
         return [p.index.categories("task")[c] for p in self.parts for c in np.asarray(p.index.column("task"))[p.row_numbers()]]
 
-    def column(self, name: str) -> np.ndarray:
-        """A numeric index column over this dataset's examples (a private copy, in order)."""
-        return np.concatenate([np.asarray(p.index.column(name))[p.row_numbers()] for p in self.parts])
-
     def _shard(self, d: int, shard: int) -> dict:
         key = (d, shard)
         payload = self._open.get(key)
