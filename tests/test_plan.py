@@ -212,3 +212,13 @@ def test_bad_input_names_the_field_and_numbers(tmp_path, capsys):
     recipe = {"model": {"class_path": "SpecialistStage", "init_args": {"model": "tiny"}}, "trainer": {"devices": "auto"}}
     (tmp_path / "auto.yaml").write_text(yaml.safe_dump(recipe))
     assert "trainer.devices is 'auto'" in _error(capsys, "--config", str(tmp_path / "auto.yaml"))
+
+
+def test_bench_plan_case_runs_and_agrees():
+    from unimoe.bench.plan import measure
+
+    case = {"name": "t", "preset": "tiny-moe", "layers": 1, "hidden": 64, "ffn": 128, "tokens": 512, "seq_len": 256,
+            "codebooks": 1}
+    row = measure(case, steps=2, mode="tensors")
+    assert row["batch"] == [2, 256] and row["mean_active_experts"] > 0 and row["measured_breakdown_mb"]
+    assert abs(row["error"]) < 0.1

@@ -36,6 +36,11 @@ CASES: list[dict[str, Any]] = [
     {"name": "moe-256-ac", "preset": "small-moe", "layers": 4, "hidden": 256, "ffn": 704, "tokens": 8192, "ac": True},
     {"name": "moe-512", "preset": "small-moe", "layers": 8, "hidden": 512, "ffn": 1408, "tokens": 4096},
     {"name": "moe-512-ac", "preset": "small-moe", "layers": 8, "hidden": 512, "ffn": 1408, "tokens": 4096, "ac": True},
+    # one small codebook: the blocks, not the loss head, set the checkpointed peak (as at paper scale)
+    {"name": "dense-512-ac-1cb", "preset": "small", "layers": 8, "hidden": 512, "ffn": 1408, "tokens": 4096, "ac": True,
+     "codebooks": 1},
+    {"name": "moe-512-ac-1cb", "preset": "small-moe", "layers": 8, "hidden": 512, "ffn": 1408, "tokens": 4096, "ac": True,
+     "codebooks": 1},
 ]
 
 
@@ -49,6 +54,8 @@ def case_config(case: dict[str, Any]):
                                     intermediate_size=case["ffn"], num_heads=max(2, case["hidden"] // 64),
                                     num_kv_heads=max(1, case["hidden"] // 256), vision=None,
                                     max_seq_len=case.get("seq_len", 1024), gradient_checkpointing=bool(case.get("ac")))
+    if case.get("codebooks"):
+        cfg = cfg.replace(num_codebooks=case["codebooks"], codebook_size=16, delays=list(range(case["codebooks"])))
     if cfg.moe is not None:
         cfg = cfg.replace(moe=dataclasses.replace(cfg.moe, routed_intermediate_size=case["ffn"] // 4,
                                                   shared_intermediate_size=case["ffn"] // 8))
