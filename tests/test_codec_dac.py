@@ -205,6 +205,13 @@ def test_weight_norm_parametrisation_folder_loads(reference, tmp_path):
     torch.testing.assert_close(codec.decode(codes)[:, 0, : ref_audio.shape[-1]], ref_audio, rtol=0, atol=1e-5)
 
 
+def test_sharded_folder_loads(reference, tmp_path):
+    reference.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and not (tmp_path / "model.safetensors").exists()
+    wav = _signal(1200)
+    assert torch.equal(DacCodec(path=str(tmp_path)).encode(wav), _reference_codes(reference, wav))
+
+
 # ------------------------------------------------------------------------------------- release shapes
 RELEASES = {  # the released models: sample rate, hop, frames/s, codebooks (descript conf/final/*.yml)
     "16khz": (16000, 320, 50.0, 12, [2, 4, 5, 8]),

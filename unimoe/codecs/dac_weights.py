@@ -7,8 +7,8 @@ Two layouts exist for the same network:
   {...}}`` with ``nn.Sequential`` key names (``encoder.block.1.block.0.block.1.weight_g``) and
   weight norm stored as ``weight_g`` / ``weight_v``. It is read with
   ``torch.load(weights_only=True)``: plain tensors, dicts, lists and numbers, never code.
-* **Hugging Face** (``descript/dac_16khz``): ``config.json`` + ``model.safetensors`` with
-  the module names :mod:`unimoe.codecs.dac_model` uses.
+* **Hugging Face** (``descript/dac_16khz``): ``config.json`` + ``model.safetensors`` (or a
+  sharded ``model.safetensors.index.json``) with the module names :mod:`unimoe.codecs.dac_model` uses.
 
 Both come out as ``(DacArchitecture, state dict in DacNetwork names)`` with weight norm folded
 into plain weights. Without a path the weights come from descript-audio-codec's own cache
@@ -65,6 +65,7 @@ DAC_RELEASES: dict[str, DacRelease] = {
 }
 HF_WEIGHTS_FILE = "model.safetensors"
 HF_CONFIG_FILE = "config.json"
+HF_INDEX_FILE = HF_WEIGHTS_FILE + ".index.json"  # sharded save_pretrained (not needed at DAC's size, but valid)
 
 
 def weights_hint(variant: str) -> str:
@@ -116,13 +117,14 @@ class _Source:
 def _resolve(path: Path, hint: str) -> _Source:
     """Which file holds the weights and in which layout; a clear error when nothing fits."""
     if path.is_file():
-        if path.suffix == ".safetensors":
+        if path.name.endswith((".safetensors", HF_INDEX_FILE)):
             return _Source("hf", path, path.parent / HF_CONFIG_FILE)
         return _Source("original", path)
     if not path.is_dir():
         raise CodecWeightsError(f"DAC weights: path {path} does not exist. {hint}")
-    if (path / HF_WEIGHTS_FILE).is_file():
-        return _Source("hf", path / HF_WEIGHTS_FILE, path / HF_CONFIG_FILE)
+    for name in (HF_WEIGHTS_FILE, HF_INDEX_FILE):
+        if (path / name).is_file():
+            return _Source("hf", path / name, path / HF_CONFIG_FILE)
     checkpoints = sorted(p for p in path.iterdir() if p.suffix in (".pth", ".pt") and p.is_file())
     if len(checkpoints) == 1:
         return _Source("original", checkpoints[0])
@@ -200,16 +202,14 @@ def _read_hf(source: _Source) -> tuple[DacArchitecture, dict[str, torch.Tensor]]
     if "downsampling_ratios" in config and "upsampling_ratios" not in config:
         config = {**config, "upsampling_ratios": list(config["downsampling_ratios"])[::-1]}
     arch = _architecture(config_file, _HF_FIELDS, config)
+    from unimoe.checkpoint import CheckpointError
+    from unimoe.safetensors_io import SafetensorsTensors
+
     try:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-    except ImportError as exc:  # a core dependency; only a broken install gets here
-        raise CodecWeightsError(f"reading {source.weights} needs the safetensors package (`pip install safetensors`)") from exc
-    try:
-        state = load_file(source.weights, device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
+        tensors = SafetensorsTensors.open(source.weights)  # one file or a shard index
+        return arch, {key: tensors[key] for key in tensors}
+    except CheckpointError as exc:
         raise CodecWeightsError(f"cannot read DAC weights {source.weights}: {exc}") from exc
-    return arch, state
 
 
 # field in DacArchitecture -> (key in the file, default when absent: the upstream class default)
