@@ -19,7 +19,6 @@ file if present, else the Hugging Face hub (its cache, then a download); every f
 from __future__ import annotations
 
 import dataclasses
-import json
 import pickle
 import re
 from dataclasses import dataclass
@@ -187,24 +186,20 @@ def _read_original(file: Path) -> tuple[DacArchitecture, dict[str, torch.Tensor]
 
 
 def _read_hf(source: _Source) -> tuple[DacArchitecture, dict[str, torch.Tensor]]:
+    from unimoe.checkpoint import CheckpointError, read_folder_config
+    from unimoe.safetensors_io import SafetensorsTensors
+
     config_file = source.config
-    assert config_file is not None
-    if not config_file.is_file():
-        raise CodecWeightsError(f"DAC weights {source.weights}: no {HF_CONFIG_FILE} next to it ({config_file})")
+    assert config_file is not None and config_file.name == HF_CONFIG_FILE
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CodecWeightsError(f"cannot read DAC config {config_file}: {exc}") from exc
-    if not isinstance(config, dict):
-        raise CodecWeightsError(f"DAC config {config_file} is not a JSON object")
+        config = read_folder_config(config_file.parent)
+    except CheckpointError as exc:
+        raise CodecWeightsError(f"DAC weights {source.weights}: {exc}") from exc
     if config.get("model_type", "dac") != "dac":
         raise CodecWeightsError(f"{config_file} describes a {config['model_type']!r} model, not DAC (model_type 'dac')")
     if "downsampling_ratios" in config and "upsampling_ratios" not in config:
         config = {**config, "upsampling_ratios": list(config["downsampling_ratios"])[::-1]}
     arch = _architecture(config_file, _HF_FIELDS, config)
-    from unimoe.checkpoint import CheckpointError
-    from unimoe.safetensors_io import SafetensorsTensors
-
     try:
         tensors = SafetensorsTensors.open(source.weights)  # one file or a shard index
         return arch, {key: tensors[key] for key in tensors}
