@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, List, Literal, Optional, Sequence
 
 from unimoe.moe.grouped import GROUPED_IMPLS
-from unimoe.moe.losses import AuxLossSchedule, aux_loss
+from unimoe.moe.losses import AuxLossSchedule
+from unimoe.moe.stats import mean_over_layers
 from unimoe.registry import ComponentSpec
 
 if TYPE_CHECKING:
@@ -76,14 +77,18 @@ class MoEConfig:
         if isinstance(self.load_balance, dict):  # plain-Python construction from a dict
             self.load_balance = AuxLossSchedule(**self.load_balance)
 
-    def aux_loss(self, infos: Sequence[Optional["RoutingInfo"]], step: int) -> "Tensor":
-        """The weighted aux loss of one forward at global ``step`` (layer-averaged)."""
-        return aux_loss(
-            infos,
-            load_balance_weight=self.load_balance.weight(step),
-            z_loss_coef=self.z_loss_coef,
-            entropy_loss_coef=self.entropy_loss_coef,
-        )
+    def aux_loss(
+        self, infos: Sequence[Optional["RoutingInfo"]], step: int, schedule: Optional[AuxLossSchedule] = None
+    ) -> "Tensor":
+        """The weighted aux loss of one forward at global ``step`` (layer-averaged; dense layers are None).
+
+        The one place the aux losses are weighted: load balance by ``schedule`` (a training
+        stage's own anneal; default ``self.load_balance``) at ``step``, z-loss and entropy by
+        their coefficients.
+        """
+        mean = mean_over_layers(infos)
+        weight = (schedule or self.load_balance).weight(step)
+        return weight * mean.load_balance + self.z_loss_coef * mean.z_loss + self.entropy_loss_coef * mean.entropy
 
 
 def _non_negative(name: str, value: int) -> None:

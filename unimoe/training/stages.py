@@ -32,7 +32,7 @@ from unimoe.checkpoint import METADATA_KEY, CheckpointMetadata, config_from_dict
 from unimoe.model.config import AudioLMConfig
 from unimoe.model.tasks import TASK_IDS, Batch
 from unimoe.model.transformer import AudioLM
-from unimoe.moe.losses import AuxLossSchedule, aux_loss
+from unimoe.moe.losses import AuxLossSchedule
 from unimoe.moe.stats import RoutingInfo, mean_over_layers
 from unimoe.registry import ComponentSpec
 from unimoe.training.init_from import InitFrom, InitReport, load_initial_weights, read_init_checkpoint
@@ -215,14 +215,14 @@ class StageModule(L.LightningModule):
         return loss
 
     def aux_loss(self, routing: list[RoutingInfo | None], step: int) -> tuple[Tensor, float]:
-        """Weighted MoE aux loss at global ``step`` and the load-balance weight used (0 for dense)."""
+        """Weighted MoE aux loss at global ``step`` and the load-balance weight used (0 for dense).
+
+        The weighting itself is :meth:`MoEConfig.aux_loss`'s; the stage only chooses the schedule.
+        """
         schedule = self.schedule()
         if schedule is None:
             return torch.zeros((), device=self.device), 0.0
-        weight = schedule.weight(step)
-        moe = self.config.moe
-        return aux_loss(routing, load_balance_weight=weight, z_loss_coef=moe.z_loss_coef,
-                        entropy_loss_coef=moe.entropy_loss_coef), weight
+        return self.config.moe.aux_loss(routing, step, schedule=schedule), schedule.weight(step)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._eval_step(batch)
