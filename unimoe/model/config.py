@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Union
 
+from unimoe.model.text_tokenizer import build_text_tokenizer
 from unimoe.moe.config import MoEConfig
 
 PAPER_DELAYS: List[int] = [0] + list(range(8, 19))
@@ -110,8 +111,6 @@ class AudioLMConfig:
         """``text_vocab_size`` or the tokenizer's vocabulary rounded up to a multiple of 64."""
         if self.text_vocab_size is not None:
             return self.text_vocab_size
-        from unimoe.model.text_tokenizer import build_text_tokenizer
-
         return 64 * math.ceil(build_text_tokenizer(self.text_tokenizer).vocab_size / 64)
 
     def replace(self, **changes: Any) -> "AudioLMConfig":
