@@ -54,7 +54,6 @@ def parse_codec_spec(text: str) -> ComponentSpec:
 
 def build_codec(spec: ComponentSpec, source: str):
     """Build the codec of ``spec`` (every in-tree codec registered first); errors say where the spec came from."""
-    import unimoe.components  # noqa: F401  registers the in-tree codecs
     from unimoe.registry import CODECS
 
     try:

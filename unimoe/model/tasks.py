@@ -252,7 +252,6 @@ class TaskBuilder:
         return seq
 
 
-@TASKS.register("tts")
 class TTSBuilder(TaskBuilder):
     """Voice cloning / TTS: transcript (+ the prompt's transcript) and a speaker prompt -> speech.
 
@@ -282,7 +281,6 @@ class TTSBuilder(TaskBuilder):
         return parts
 
 
-@TASKS.register("t2m")
 class T2MBuilder(TaskBuilder):
     """Text-to-music: ``text`` (the caption) -> music."""
 
@@ -299,7 +297,6 @@ class T2MBuilder(TaskBuilder):
         return [self.text_block(caption if "text" in keep else [])]
 
 
-@TASKS.register("v2m")
 class V2MBuilder(TaskBuilder):
     """Video(+text)-to-music: ``video`` frames ``[F, 3, H, W]`` (float 0-1 or uint8) and an optional caption.
 

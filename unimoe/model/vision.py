@@ -89,7 +89,6 @@ class _VisionBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-@VISION_ENCODERS.register("vit")
 class FrameViT(VisionEncoder):
     """Tubelet ViT + patch-merging projector (defaults: a small CPU-friendly tower).
 

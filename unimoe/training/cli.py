@@ -9,9 +9,9 @@ Defaults a user would otherwise wire by hand on every run:
   ``StageFinalizer``: ``<default_root_dir>/final.ckpt`` when training ends normally.
 - A rich progress bar over the stage's optimizer steps (``StepProgressBar``), and the resolved
   config saved next to the checkpoints and in MLflow.
-- Plug-ins from installed packages are imported before parsing, so YAML may name their
-  classes by short name; the stage modules and callbacks are importable by short name too
-  (``class_path: JointStage``, ``class_path: ExpertLoadMonitor``).
+- Stages, data modules and callbacks (in-tree and from installed plug-ins, all declared as
+  entry points) are imported before parsing, so YAML names them by short class name
+  (``class_path: JointStage``, ``class_path: UniMoEDataModule``, ``class_path: ExpertLoadMonitor``).
 - ``${data_root}`` / ``${env:NAME}`` in ``--config`` files (``--data_root`` or
   ``$UNIMOE_DATA_ROOT``; see :mod:`unimoe.training.recipe_vars`).
 
@@ -137,13 +137,16 @@ def build_cli(
     args: list[str] | None = None, run: bool = True, cli_class: type[UniMoECLI] | None = None,
     parser_kwargs: dict[str, Any] | None = None,
 ) -> UniMoECLI:
-    """Construct the CLI (parsing ``args``) with every plug-in imported first."""
-    import unimoe.components  # noqa: F401  in-tree registrations
-    import unimoe.training.callbacks  # noqa: F401  short class names in YAML
-    import unimoe.training.stages  # noqa: F401
-    from unimoe.registry import load_all_plugins
+    """Construct the CLI (parsing ``args``); stages, data modules and callbacks are imported first.
 
-    load_all_plugins()
+    LightningCLI resolves a short ``class_path`` (``JointStage``) among imported subclasses,
+    so every class declared in the ``unimoe.stages`` / ``unimoe.data_modules`` /
+    ``unimoe.callbacks`` entry points (in-tree and plug-ins alike) is imported before parsing.
+    Other components (routers, codecs...) are resolved by the registry when they are built.
+    """
+    from unimoe.registry import load_lightning_classes
+
+    load_lightning_classes()
     # `unimoe fit ...` / `unimoe curriculum` hand LightningCLI their own argv (after variable
     # resolution), which Lightning would otherwise flag as "args and command line arguments".
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")

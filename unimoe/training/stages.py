@@ -176,7 +176,6 @@ class StageModule(L.LightningModule):
         """
         if not shards_codec or self.codec_spec is None:
             return
-        import unimoe.components  # noqa: F401  registers the codecs
         from unimoe.data.shards import CodecMismatchError, codec_record, compare_codecs
         from unimoe.registry import CODECS
 

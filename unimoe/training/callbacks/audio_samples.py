@@ -75,7 +75,6 @@ class AudioSamples(Callback):
 
     def _codec_for(self, pl_module):
         if self._codec is None:
-            import unimoe.components  # noqa: F401  registers the codecs
             from unimoe.registry import CODECS
 
             self._codec = CODECS.build(pl_module.codec_spec).eval()
