@@ -134,7 +134,7 @@ def test_broken_duplicate_and_module_entry_points_fail_naming_the_package(tmp_pa
     _fake_distribution(tmp_path, "pkg-two", "[unimoe.widgets_bad]\ntwin = bad_two:B\n", {"bad_two": "class B:\n    pass\n"})
     monkeypatch.syspath_prepend(str(tmp_path))
     reg = Registry("widgets_bad", "widget")
-    with pytest.raises(RegistryError, match=r"'twin' is declared by more than one installed package.*pkg-one.*pkg-two"):
+    with pytest.raises(RegistryError, match=r"'twin' is declared by more than one installed package: bad_one:A \(package pkg-one\); bad_two:B \(package pkg-two\)"):
         reg.get("twin")
     with pytest.raises(RegistryError, match=r"'broken' = 'bad_one:Missing'.*pkg-one.*failed to import"):
         reg.get("broken")

@@ -97,7 +97,7 @@ class Registry(Generic[T]):
     def _load(self, name: str) -> Callable[..., T]:
         points = self._declared()[name]
         if len({ep.value for ep in points}) > 1:
-            owners = "; ".join(f"{ep.value} (package {_dist_name(ep)})" for ep in points)
+            owners = "; ".join(sorted(f"{ep.value} (package {_dist_name(ep)})" for ep in points))
             raise RegistryError(f"{self.kind} name {name!r} is declared by more than one installed package: {owners}. "
                                 f"Uninstall one of them or rename its entry point.")
         ep = points[0]

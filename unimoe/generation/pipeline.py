@@ -92,7 +92,7 @@ def load_generator(
         "device": str(dev),
         "dtype": str(dt).replace("torch.", ""),
     }
-    return Generator(model, codec_model, settings, builders=meta.tasks, info=info)
+    return Generator(model, codec_model, settings, builders=meta.tasks, info=info, task_ids=meta.task_table())
 
 
 class CheckpointGenerator:

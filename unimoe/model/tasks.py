@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Iterator, Union
 
 import torch
 import torch.nn.functional as F
@@ -36,41 +36,71 @@ from unimoe.model.batch import (  # noqa: F401  (Batch, collate, IGNORE_INDEX ar
 from unimoe.model.delay import CodecSpecials, delayed_segment
 from unimoe.model.text_tokenizer import TextTokenizer, build_text_tokenizer
 from unimoe.model.vision import build_vision_encoder
-from unimoe.registry import TASKS, ComponentSpec
+from unimoe.registry import TASKS, ComponentSpec, RegistryError
 
 if TYPE_CHECKING:
     from unimoe.model.config import AudioLMConfig
 
-BUILTIN_TASKS: tuple[str, ...] = ("tts", "t2m", "v2m")
+# ---------------------------------------------------------------------- task ids
+LEGACY_TASK_ORDER: tuple[str, ...] = ("tts", "t2m", "v2m")
+"""The order unimoe numbered tasks in before checkpoints stored their ids (then the other
+registered tasks by name). Only :meth:`TaskIds.legacy` uses it: the fallback for such checkpoints."""
 
 
-class _TaskIds(Mapping):
-    """Stable task name -> id: ``tts=0, t2m=1, v2m=2``, then plug-in tasks in name order."""
+class TaskIds(Mapping):
+    """Task name -> id, in a fixed order that belongs to a model.
 
-    def _names(self) -> list[str]:
-        extra = sorted(n for n in TASKS.names() if n not in BUILTIN_TASKS)
-        return [*BUILTIN_TASKS, *extra]
+    Per-task losses and per-task routing tables are indexed by these ids, so they are
+    assigned once and then carried: a stage starts from its ``init_from`` checkpoint's
+    table (``CheckpointMetadata.task_ids``), appends the tasks its data brings that the
+    table lacks (in name order) and stores the result in every checkpoint it writes.
+    Installing a plug-in never renumbers anything, because nothing is derived from the
+    registry at run time.
+    """
+
+    def __init__(self, names: Iterable[str] = ()) -> None:
+        names = list(names)
+        bad = [n for n in names if not isinstance(n, str) or not n]
+        if bad or len(set(names)) != len(names):
+            raise ValueError(f"task ids need distinct non-empty task names, got {names}")
+        self._names = names
+        self._index = {n: i for i, n in enumerate(names)}
+
+    @classmethod
+    def legacy(cls) -> "TaskIds":
+        """The ids a checkpoint written before ids were stored was trained with (``tts=0, t2m=1, v2m=2``, others by name)."""
+        return cls([*LEGACY_TASK_ORDER, *sorted(n for n in TASKS.names() if n not in LEGACY_TASK_ORDER)])
+
+    def extended(self, names: Iterable[str]) -> "TaskIds":
+        """This table with the tasks of ``names`` it lacks appended (in name order); existing ids never move."""
+        new = sorted(set(names) - set(self._names))
+        return self if not new else TaskIds([*self._names, *new])
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._names)
 
     def __getitem__(self, name: str) -> int:
-        names = self._names()
-        if name not in names:
-            raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(names)}")
-        return names.index(name)
+        if name not in self._index:
+            raise KeyError(f"task {name!r} has no id in this model's task table {self._names}")
+        return self._index[name]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._names())
+        return iter(self._names)
 
     def __len__(self) -> int:
-        return len(self._names())
+        return len(self._names)
 
     def name(self, task_id: int) -> str:
-        names = self._names()
-        if not 0 <= task_id < len(names):
-            raise KeyError(f"unknown task id {task_id}; known: {dict(zip(names, range(len(names))))}")
-        return names[task_id]
+        if not 0 <= task_id < len(self._names):
+            raise KeyError(f"unknown task id {task_id}; this model's tasks: {dict(self._index)}")
+        return self._names[task_id]
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TaskIds) and other._names == self._names
 
-TASK_IDS = _TaskIds()
+    def __repr__(self) -> str:
+        return f"TaskIds({self._names})"
 
 
 # ---------------------------------------------------------------------- builders
@@ -89,19 +119,36 @@ TextInput = Union[str, list, Tensor]
 
 
 class TaskBuilder:
-    """Base of task builders; subclasses say which conditions exist and how they are laid out.
+    """A task: what its examples need (class-level declarations) and how they become sequences.
+
+    The registered class IS the task. Its declarations are what the rest of unimoe asks
+    (manifest validation, tokenisation, speaker-prompt pairing, generation requests, the
+    validation summaries, evaluation, upcycling) instead of keeping lists of task names;
+    :func:`task_class` returns them for a name without building anything. An instance
+    (built with a model config) lays examples out (:meth:`build`, :meth:`prefix`).
 
     ``config`` gives codebooks, delays, vocabularies and the vision encoder; ``tokenizer``
     defaults to ``config.text_tokenizer``. ``cond_drop_prob`` is the CFG condition dropout of
     :meth:`build`; ``uncond_keep`` names conditions the unconditional form keeps (e.g.
-    ``["prompt"]`` to guide TTS on text only); ``instruction`` replaces the task's text prefix.
+    ``["prompt"]`` to guide TTS on text only); ``instruction`` replaces the task's text prefix;
+    ``task_ids`` is the model's task table (:class:`TaskIds`; default: the legacy order, for
+    standalone use) that gives this task's id.
     """
 
     task: ClassVar[str]
+    domain: ClassVar[str | None] = None
+    """``"speech"`` / ``"music"`` (or a plug-in's own): groups validation losses and picks evaluation metrics."""
     conditions: ClassVar[tuple[str, ...]]
     """Inputs that condition generation (dropped for the unconditional form)."""
     extra_inputs: ClassVar[tuple[str, ...]] = ()
     """Further accepted inputs that travel with a condition (tts: ``prompt_text``)."""
+    required: ClassVar[tuple[str, ...]] = ()
+    """Inputs every example and every request must have, non-empty (tts and t2m: ``text``; v2m: ``video``)."""
+    speaker_prompt: ClassVar[bool] = False
+    """Training examples carry another utterance of their speaker as ``prompt``: import pairs them
+    (:mod:`unimoe.data.prompts`) and tokenisation skips an example without one."""
+    text_role: ClassVar[str] = "text"
+    """What ``text`` is for this task, for messages (``"transcript"``, ``"caption"``)."""
     default_instruction: ClassVar[str]
 
     def __init__(
@@ -111,6 +158,7 @@ class TaskBuilder:
         cond_drop_prob: float = 0.0,
         uncond_keep: list[str] | tuple[str, ...] = (),
         instruction: str | None = None,
+        task_ids: TaskIds | None = None,
     ) -> None:
         self.config = config
         self.tokenizer = build_text_tokenizer(tokenizer if tokenizer is not None else config.text_tokenizer)
@@ -128,7 +176,19 @@ class TaskBuilder:
         self.uncond_keep = tuple(uncond_keep)
         self.instruction = self.default_instruction if instruction is None else instruction
         self.specials = CodecSpecials(config.codebook_size)
-        self.task_id = TASK_IDS[self.task]
+        self.task_id = (task_ids if task_ids is not None else TaskIds.legacy())[self.task]
+
+    # ------------------------------------------------------------------ declarations
+    @classmethod
+    def accepts(cls, name: str) -> bool:
+        """Does this task take the builder input ``name`` (``text``, ``prompt``, ``prompt_text``, ``video``)?"""
+        return name in cls.conditions or name in cls.extra_inputs
+
+    @classmethod
+    def describe_input(cls, name: str) -> str:
+        """Human words for an input in messages: ``'text' (the transcript)``."""
+        return {"text": f"'text' (the {cls.text_role})", "prompt": "'prompt' (speaker prompt codes)",
+                "video": "'video' (frames [F, 3, H, W])"}.get(name, repr(name))
 
     # ------------------------------------------------------------------ public API
     def build(self, target: Tensor, *, drop_condition: bool | None = None, rng: random.Random | None = None,
@@ -173,6 +233,12 @@ class TaskBuilder:
         if unknown:
             raise TypeError(f"{self.task}: unexpected input(s) {unknown}; accepted: {sorted(accepted)}")
         conditions = {k: v for k, v in conditions.items() if v is not None}
+        for name in self.required:
+            if name not in conditions:
+                raise ValueError(f"{self.task}: {self.describe_input(name)} is required")
+            if isinstance(conditions[name], str) and not conditions[name].strip() or (
+                    isinstance(conditions[name], (list, Tensor)) and len(conditions[name]) == 0):
+                raise ValueError(f"{self.task}: {self.describe_input(name)} is empty")
         keep = set(self.conditions) if cond else set(self.uncond_keep)
         return self.layout(conditions, keep)
 
@@ -259,16 +325,16 @@ class TTSBuilder(TaskBuilder):
     """
 
     task = "tts"
+    domain = "speech"
     conditions = ("text", "prompt")
     extra_inputs = ("prompt_text",)
+    required = ("text",)
+    speaker_prompt = True
+    text_role = "transcript"
     default_instruction = "text to speech: "
 
     def layout(self, conditions: dict[str, Any], keep: set[str]) -> list[Part]:
-        if "text" not in conditions:
-            raise ValueError("tts: 'text' (the transcript) is required")
         text = self.text_ids(conditions["text"], "text")
-        if not text:
-            raise ValueError("tts: 'text' is empty")
         prompt = self.codes(conditions["prompt"], "prompt") if "prompt" in conditions else None
         if "text" in keep:
             spoken = self.text_ids(conditions["prompt_text"], "prompt_text") if "prompt_text" in conditions else []
@@ -285,15 +351,14 @@ class T2MBuilder(TaskBuilder):
     """Text-to-music: ``text`` (the caption) -> music."""
 
     task = "t2m"
+    domain = "music"
     conditions = ("text",)
+    required = ("text",)
+    text_role = "caption"
     default_instruction = "text to music: "
 
     def layout(self, conditions: dict[str, Any], keep: set[str]) -> list[Part]:
-        if "text" not in conditions:
-            raise ValueError("t2m: 'text' (the caption) is required")
         caption = self.text_ids(conditions["text"], "text")
-        if not caption:
-            raise ValueError("t2m: 'text' is empty")
         return [self.text_block(caption if "text" in keep else [])]
 
 
@@ -305,7 +370,10 @@ class V2MBuilder(TaskBuilder):
     """
 
     task = "v2m"
+    domain = "music"
     conditions = ("video", "text")
+    required = ("video",)
+    text_role = "caption"
     default_instruction = "video to music: "
 
     def __init__(self, config: "AudioLMConfig", *args: Any, **kwargs: Any) -> None:
@@ -331,8 +399,6 @@ class V2MBuilder(TaskBuilder):
         return video.clamp(0.0, 1.0)
 
     def layout(self, conditions: dict[str, Any], keep: set[str]) -> list[Part]:
-        if "video" not in conditions:
-            raise ValueError("v2m: 'video' frames are required")
         video = self.frames(conditions["video"])
         caption = self.text_ids(conditions["text"], "text") if "text" in conditions else []
         parts = []
@@ -342,9 +408,33 @@ class V2MBuilder(TaskBuilder):
         return parts
 
 
-def build_task_builder(spec: ComponentSpec, config: "AudioLMConfig", tokenizer: Any = None) -> TaskBuilder:
-    """``build_task_builder("tts", cfg)`` or ``({"name": "tts", "cond_drop_prob": 0.1}, cfg)``."""
+def task_class(name: str) -> type[TaskBuilder]:
+    """The registered task ``name``: its declarations (``required``, ``domain``...), nothing built.
+
+    Unknown names raise :class:`~unimoe.registry.RegistryError` listing the known tasks.
+    """
+    cls = TASKS.get(name)
+    if not (isinstance(cls, type) and issubclass(cls, TaskBuilder)):
+        raise RegistryError(f"task {name!r} resolves to {cls!r}, which is not a TaskBuilder subclass; "
+                            f"tasks subclass unimoe.model.tasks.TaskBuilder and declare what they need")
+    return cls
+
+
+INPUT_FIELDS: dict[str, str] = {"text": "text", "prompt_audio": "prompt", "prompt_text": "prompt_text", "video": "video"}
+"""Manifest / request field -> the builder input it feeds (``prompt_audio`` is encoded into ``prompt``)."""
+
+
+def field_of(builder_input: str) -> str:
+    """The manifest / request field that carries a builder input (``prompt`` -> ``prompt_audio``)."""
+    return next((f for f, i in INPUT_FIELDS.items() if i == builder_input), builder_input)
+
+
+def build_task_builder(spec: ComponentSpec, config: "AudioLMConfig", tokenizer: Any = None,
+                       task_ids: TaskIds | None = None) -> TaskBuilder:
+    """``build_task_builder("tts", cfg)`` or ``({"name": "tts", "cond_drop_prob": 0.1}, cfg, task_ids=ids)``."""
     context: dict[str, Any] = {"config": config}
     if tokenizer is not None:
         context["tokenizer"] = tokenizer
+    if task_ids is not None:
+        context["task_ids"] = task_ids
     return TASKS.build(spec, **context)

@@ -30,19 +30,18 @@ from torch import Tensor
 
 from unimoe.checkpoint import METADATA_KEY, CheckpointMetadata, config_from_dict, config_to_dict
 from unimoe.model.config import AudioLMConfig
-from unimoe.model.tasks import TASK_IDS, Batch
+from unimoe.data.sequences import SequenceLayout
+from unimoe.model.batch import Batch
+from unimoe.model.tasks import TaskIds
 from unimoe.model.transformer import AudioLM
 from unimoe.moe.losses import AuxLossSchedule
 from unimoe.moe.stats import RoutingInfo, mean_over_layers
 from unimoe.registry import ComponentSpec
 from unimoe.training.init_from import InitFrom, InitReport, load_initial_weights, read_init_checkpoint
-from unimoe.training.metrics import DEFAULT_DOMAINS, TaskLossAccumulator
+from unimoe.training.metrics import TaskLossAccumulator
 from unimoe.training.optim import OptimizerConfig, build_optimizer
 
 log = logging.getLogger("unimoe.training")
-
-SEQUENCE_FIELDS = ("num_codebooks", "codebook_size", "delays", "text_tokenizer", "vision")
-"""Model-config fields the data pipeline lays sequences out with; data and model must agree."""
 
 
 @dataclass
@@ -68,9 +67,14 @@ class StageModule(L.LightningModule):
             the audio-sample callback decodes with it); None = the ``init_from`` checkpoint's.
         freeze: globs of AudioLM parameter names to keep frozen.
         load_balance: load-balance weight schedule for this stage; None = ``model.moe.load_balance``.
-        domains: task -> domain for the validation summaries (default tts=speech, t2m/v2m=music).
+        domains: task -> domain for the validation summaries (default: each task's declared
+            ``domain``: tts=speech, t2m/v2m=music).
         label: a short name for this model (e.g. ``tts``); used to label experts after upcycling.
         seed: seed of the fresh initialisation (before ``init_from`` is applied).
+        task_ids: the model's task table, names in id order; None = the ``init_from``
+            checkpoint's (a fresh model starts empty). The data's new tasks are appended at
+            setup; the table is saved in the hyper-parameters (so a crash resume keeps it) and
+            in every checkpoint (``CheckpointMetadata.task_ids``).
     """
 
     stage_name: ClassVar[str] = "stage"
@@ -87,6 +91,7 @@ class StageModule(L.LightningModule):
         domains: Optional[Dict[str, str]] = None,
         label: Optional[str] = None,
         seed: int = 0,
+        task_ids: Optional[List[str]] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -107,20 +112,25 @@ class StageModule(L.LightningModule):
         self.optim = _coerce(OptimizerConfig, optimizer, "optimizer") or OptimizerConfig(lr=self.default_lr)
         self.load_balance = _coerce(AuxLossSchedule, load_balance, "load_balance")
         self.codec_spec = _plain(codec) if codec is not None else (source.codec if source is not None else None)
-        self.domains = dict(DEFAULT_DOMAINS if domains is None else domains)
+        self.domains = None if domains is None else dict(domains)
         self.label = label
         self.lineage: dict[str, Any] = {k: v for k, v in (source.extra if source else {}).items() if k != "label"}
         if self.init_spec is not None:
             self.lineage["init_from"] = {"path": self.init_spec.path, "stage": source.stage}
         self.task_args: dict[str, Any] = dict(source.tasks) if source is not None else {}
-        self.register_buffer("tasks_seen", torch.zeros(len(TASK_IDS), dtype=torch.bool), persistent=False)
+        if task_ids is not None:
+            self.task_ids = TaskIds(task_ids)
+        else:
+            self.task_ids = source.task_table() if source is not None else TaskIds()
+        self.hparams["task_ids"] = self.task_ids.names
+        self.register_buffer("tasks_seen", torch.zeros(len(self.task_ids), dtype=torch.bool), persistent=False)
         self.apply_freezing(freeze)
         # The resolved model config goes into the saved hyper-parameters, so a crash resume
         # (which restores hparams and no longer applies init_from) rebuilds the same model.
         self.hparams["model"] = config_to_dict(config)
         _plain_hparams(self.hparams)
         self.step_stats: StepStats | None = None
-        self._eval_losses = TaskLossAccumulator(config.num_codebooks)
+        self._eval_losses = TaskLossAccumulator(config.num_codebooks, self.task_ids)
 
     # ------------------------------------------------------------------ configuration checks
     def check_config(self, config: AudioLMConfig) -> None:
@@ -151,21 +161,29 @@ class StageModule(L.LightningModule):
             return None
         return self.load_balance or self.config.moe.load_balance
 
+    # ------------------------------------------------------------------ the data's view of the model
+    def sequence_layout(self, task_specs: dict[str, ComponentSpec]) -> SequenceLayout:
+        """What the data module lays sequences out with: this model's config and task ids.
+
+        ``task_specs`` are the data's tasks with the builder spec it uses for each: tasks the
+        table lacks get the next ids (in name order, never renumbering the others), and specs
+        of tasks this model has no record of are recorded for generation.
+        """
+        extended = self.task_ids.extended(task_specs)
+        if extended is not self.task_ids:
+            self.task_ids = extended
+            self.hparams["task_ids"] = extended.names
+            seen = torch.zeros(len(extended), dtype=torch.bool, device=self.tasks_seen.device)
+            seen[: self.tasks_seen.shape[0]] = self.tasks_seen
+            self.tasks_seen = seen
+            self._eval_losses = TaskLossAccumulator(self.config.num_codebooks, extended)
+        for task, spec in task_specs.items():
+            self.task_args.setdefault(task, spec)
+        return SequenceLayout(self.config, self.task_ids)
+
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
-        data_config = getattr(datamodule, "model_config", None)
-        if isinstance(data_config, AudioLMConfig):
-            diff = [f for f in SEQUENCE_FIELDS if getattr(data_config, f) != getattr(self.config, f)]
-            if diff:
-                details = "; ".join(f"{f}: data {getattr(data_config, f)!r} vs model {getattr(self.config, f)!r}" for f in diff)
-                raise ValueError(
-                    f"data.init_args.model and the stage's model disagree on how sequences are laid out ({details}); "
-                    "give the data module the same codec shape, delays, tokenizer and vision encoder"
-                )
-            if not self.task_args:
-                self.task_args = {t: {"name": t, "cond_drop_prob": datamodule.cond_drop_prob,
-                                      **(getattr(datamodule, "task_args", None) or {}).get(t, {})} for t in TASK_IDS}
         self.check_codec(getattr(datamodule, "codec_info", None))
 
     def check_codec(self, shards_codec: dict[str, Any] | None) -> None:
@@ -200,7 +218,7 @@ class StageModule(L.LightningModule):
         self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=size)
         self.log("train/total_loss", loss.detach(), batch_size=size)
         for task_id, value in out.task_losses.items():
-            self.log(f"train/loss/{TASK_IDS.name(task_id)}", value.detach(), batch_size=size)
+            self.log(f"train/loss/{self.task_ids.name(task_id)}", value.detach(), batch_size=size)
         if self.config.moe is not None:
             means = mean_over_layers(out.routing)
             self.log("train/aux_loss", aux.detach(), batch_size=size)
@@ -265,12 +283,12 @@ class StageModule(L.LightningModule):
     def metadata(self) -> CheckpointMetadata:
         """What this stage's checkpoints say about themselves."""
         extra = dict(self.lineage)
-        seen = [TASK_IDS.name(i) for i in torch.nonzero(self.tasks_seen.cpu()).flatten().tolist()]
+        seen = [self.task_ids.name(i) for i in torch.nonzero(self.tasks_seen.cpu()).flatten().tolist()]
         extra["data_tasks"] = sorted(set(seen) | set(self.lineage.get("data_tasks") or []))
         if self.label:
             extra["label"] = self.label
         return CheckpointMetadata(config=self.config, codec=self.codec_spec, stage=self.stage_name,
-                                  tasks=dict(self.task_args), extra=extra)
+                                  tasks=dict(self.task_args), extra=extra, task_ids=self.task_ids.names)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[METADATA_KEY] = self.metadata().to_dict()
@@ -295,8 +313,8 @@ class StageModule(L.LightningModule):
         if not self.task_args:
             self.task_args = dict(saved.tasks)
         for name in saved.extra.get("data_tasks") or []:
-            if name in TASK_IDS:
-                self.tasks_seen[TASK_IDS[name]] = True
+            if name in self.task_ids:
+                self.tasks_seen[self.task_ids[name]] = True
 
 
 class SpecialistStage(StageModule):
@@ -333,10 +351,11 @@ class WarmupStage(StageModule):
         domains: Optional[Dict[str, str]] = None,
         label: Optional[str] = None,
         seed: int = 0,
+        task_ids: Optional[List[str]] = None,
     ) -> None:
         self._trainable = list(trainable)
         super().__init__(model=model, init_from=init_from, optimizer=optimizer, codec=codec, freeze=None,
-                         load_balance=load_balance, domains=domains, label=label, seed=seed)
+                         load_balance=load_balance, domains=domains, label=label, seed=seed, task_ids=task_ids)
 
     def check_config(self, config: AudioLMConfig) -> None:
         if config.moe is None:
