@@ -43,6 +43,59 @@ T = TypeVar("T")
 ComponentSpec = Union[str, Dict[str, Any]]
 """A registered name, an import path, or a dict with ``class_path``/``init_args`` or ``name``."""
 
+
+class ComponentField:
+    """The type of a config field that names a registry component (``router``, ``codec``, ``vision``...).
+
+    jsonargparse (LightningCLI) claims every ``{class_path, init_args}`` mapping it meets inside
+    a config for its own classes, and fails on registry names like ``top_p``. Fields of this
+    type are opaque to it: the parser keeps the spec as it was written and hands it over
+    wrapped; the dataclass (or module) unwraps it with :func:`plain_spec` and the registry
+    resolves it when it builds the component. So recipes spell every component the same way,
+    ``{class_path: top_p, init_args: {top_p: 0.7}}``, from the stage module down to the router.
+    """
+
+    __slots__ = ("spec",)
+
+    def __init__(self, spec: Any) -> None:
+        spec = plain_spec(spec)
+        if isinstance(spec, str) and spec.lstrip().startswith("{"):  # a mapping given on the command line
+            import yaml
+
+            spec = yaml.safe_load(spec)
+        if hasattr(spec, "as_dict") and callable(spec.as_dict):  # a jsonargparse Namespace
+            spec = spec.as_dict()
+        if not isinstance(spec, (str, dict)):
+            raise ValueError(f"a component spec must be a name, an import path or a mapping with class_path "
+                             f"(+ init_args) or name, got {type(spec).__name__} {spec!r}")
+        self.spec = spec
+
+    def __repr__(self) -> str:
+        return f"ComponentField({self.spec!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return plain_spec(other) == self.spec
+
+
+def plain_spec(value: Any) -> Any:
+    """A :class:`ComponentField` (or a list of them) as the plain spec it holds; anything else unchanged."""
+    if isinstance(value, ComponentField):
+        return value.spec
+    if isinstance(value, list):
+        return [plain_spec(v) for v in value]
+    return value
+
+
+def _register_with_jsonargparse() -> None:
+    try:
+        from jsonargparse.typing import register_type
+    except ImportError:  # jsonargparse is a dependency; without it there is no YAML parsing to protect
+        return
+    register_type(ComponentField, serializer=plain_spec, deserializer=ComponentField)
+
+
+_register_with_jsonargparse()
+
 ENTRY_POINT_PREFIX = "unimoe."
 
 

@@ -42,7 +42,7 @@ from unimoe.data.sampler import (
 )
 from unimoe.data.sequences import SequenceLayout, SequenceMaker
 from unimoe.data.shards import CodecMismatchError, compare_codecs, read_index
-from unimoe.model.config import AudioLMConfig
+from unimoe.model.config import AudioLMConfig, model_config
 from unimoe.model.tasks import TaskIds
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class UniMoEDataModule(L.LightningDataModule):
     def __init__(
         self,
         sources: Dict[str, Union[str, List[str]]],
-        model: Optional[Union[str, AudioLMConfig]] = None,
+        model: Optional[Union[str, AudioLMConfig, Dict[str, Any]]] = None,
         mix: Literal["raw", "balanced", "seed"] = "raw",
         weights: Optional[Dict[str, float]] = None,
         temperature: Optional[float] = None,
@@ -131,7 +131,7 @@ class UniMoEDataModule(L.LightningDataModule):
         if not sources:
             raise ValueError("UniMoEDataModule needs at least one source (name -> shard directory)")
         self.sources = {name: [str(d)] if isinstance(d, (str, Path)) else [str(x) for x in d] for name, d in sources.items()}
-        self.model_config = _model_config(model) if model is not None else None
+        self.model_config = model_config(model, "UniMoEDataModule.model") if model is not None else None
         self.layout: SequenceLayout | None = None
         mixture_probabilities({n: 1 for n in self.sources}, mix, weights, temperature)  # validate early
         self.mix, self.weights, self.temperature = mix, weights, temperature
@@ -304,11 +304,3 @@ class _Fixed:
 
     def __len__(self) -> int:
         return len(self.indices)
-
-
-def _model_config(model: Union[str, AudioLMConfig, Dict[str, Any]]) -> AudioLMConfig:
-    if isinstance(model, str):
-        return AudioLMConfig.from_preset(model)
-    if isinstance(model, dict):
-        return AudioLMConfig(**model)
-    return model

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, List, Literal, Optional, Sequence
 from unimoe.moe.grouped import GROUPED_IMPLS
 from unimoe.moe.losses import AuxLossSchedule
 from unimoe.moe.stats import mean_over_layers
-from unimoe.registry import ComponentSpec
+from unimoe.registry import ComponentField, plain_spec
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -46,9 +46,9 @@ class MoEConfig:
     num_null_experts: int = 1
     num_shared_experts: int = 2
     shared_intermediate_size: int = 1376
-    router: ComponentSpec = "top_p"
-    expert: ComponentSpec = "swiglu"
-    extra_experts: List[ComponentSpec] = field(default_factory=list)
+    router: ComponentField = "top_p"
+    expert: ComponentField = "swiglu"
+    extra_experts: List[ComponentField] = field(default_factory=list)
     shared_gating: Literal["weighted", "unweighted"] = "weighted"
     z_loss_coef: float = 0.0
     entropy_loss_coef: float = 0.0
@@ -56,6 +56,8 @@ class MoEConfig:
     grouped_mm: Literal["auto", "grouped", "loop"] = "auto"
 
     def __post_init__(self) -> None:
+        self.router, self.expert = plain_spec(self.router), plain_spec(self.expert)
+        self.extra_experts = plain_spec(self.extra_experts)
         _non_negative("num_routed_experts", self.num_routed_experts)
         _non_negative("num_null_experts", self.num_null_experts)
         _non_negative("num_shared_experts", self.num_shared_experts)

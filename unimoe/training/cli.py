@@ -12,8 +12,9 @@ Defaults a user would otherwise wire by hand on every run:
 - Stages, data modules and callbacks (in-tree and from installed plug-ins, all declared as
   entry points) are imported before parsing, so YAML names them by short class name
   (``class_path: JointStage``, ``class_path: UniMoEDataModule``, ``class_path: ExpertLoadMonitor``).
-- ``${data_root}`` / ``${env:NAME}`` in ``--config`` files (``--data_root`` or
-  ``$UNIMOE_DATA_ROOT``; see :mod:`unimoe.training.recipe_vars`).
+- ``--config`` files are composed first (``extends``, ``${data_root}`` / ``${env:NAME}``,
+  ``--data_root`` or ``$UNIMOE_DATA_ROOT``; see :mod:`unimoe.training.recipes`), exactly as
+  ``unimoe curriculum`` composes its stage files.
 
 Resume versus initialisation: ``--ckpt_path`` resumes the SAME stage; LightningCLI then
 restores the checkpoint's saved hyper-parameters, including the module class. unimoe
@@ -164,11 +165,10 @@ def build_cli(
 
 
 def prepare_argv(argv: list[str]) -> list[str]:
-    """Resolve ``--data_root`` and the variables of ``--config`` files (see recipe_vars)."""
-    from unimoe.training.recipe_vars import expand_config_args, pop_option, resolve_data_root
+    """Compose every ``--config`` file (``extends``, variables; :mod:`unimoe.training.recipes`)."""
+    from unimoe.training.recipes import compose_argv
 
-    data_root, rest = pop_option(list(argv), "--data_root")
-    return expand_config_args(rest, resolve_data_root(data_root))
+    return compose_argv(argv)
 
 
 def run_lightning_cli(argv: list[str]) -> int:

@@ -28,15 +28,15 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from unimoe.checkpoint import METADATA_KEY, CheckpointMetadata, config_from_dict, config_to_dict
-from unimoe.model.config import AudioLMConfig
+from unimoe.checkpoint import METADATA_KEY, CheckpointMetadata, config_to_dict
+from unimoe.model.config import AudioLMConfig, model_config
 from unimoe.data.sequences import SequenceLayout
 from unimoe.model.batch import Batch
 from unimoe.model.tasks import TaskIds
 from unimoe.model.transformer import AudioLM
 from unimoe.moe.losses import AuxLossSchedule
 from unimoe.moe.stats import RoutingInfo, mean_over_layers
-from unimoe.registry import ComponentSpec
+from unimoe.registry import ComponentField, ComponentSpec, plain_spec
 from unimoe.training.init_from import InitFrom, InitReport, load_initial_weights, read_init_checkpoint
 from unimoe.training.metrics import TaskLossAccumulator
 from unimoe.training.optim import OptimizerConfig, build_optimizer
@@ -58,8 +58,9 @@ class StageModule(L.LightningModule):
     """Shared training logic of every stage. Subclasses set the stage name and what trains.
 
     Args:
-        model: the AudioLM config (a preset name or a mapping of ``AudioLMConfig`` fields);
-            None = the ``init_from`` checkpoint's config.
+        model: the AudioLM config: a preset name (``demo``), or a mapping of ``AudioLMConfig``
+            fields, optionally starting from a preset (``{preset: paper-specialist, num_codebooks: 8}``,
+            see :func:`unimoe.model.config.model_config`); None = the ``init_from`` checkpoint's config.
         init_from: start from another stage's checkpoint (weights only, step 0): a path or
             ``{path, include, exclude, remap, strict}``. Mutually exclusive with ``--ckpt_path``.
         optimizer: AdamW + warmup/cosine settings (the stage's default lr when omitted).
@@ -82,10 +83,10 @@ class StageModule(L.LightningModule):
 
     def __init__(
         self,
-        model: Optional[Union[str, AudioLMConfig]] = None,
+        model: Optional[Union[str, AudioLMConfig, Dict[str, Any]]] = None,
         init_from: Optional[Union[str, InitFrom]] = None,
         optimizer: Optional[OptimizerConfig] = None,
-        codec: Optional[ComponentSpec] = None,
+        codec: Optional[ComponentField] = None,
         freeze: Optional[List[str]] = None,
         load_balance: Optional[AuxLossSchedule] = None,
         domains: Optional[Dict[str, str]] = None,
@@ -111,7 +112,7 @@ class StageModule(L.LightningModule):
             log.info(self.init_report.summary())
         self.optim = _coerce(OptimizerConfig, optimizer, "optimizer") or OptimizerConfig(lr=self.default_lr)
         self.load_balance = _coerce(AuxLossSchedule, load_balance, "load_balance")
-        self.codec_spec = _plain(codec) if codec is not None else (source.codec if source is not None else None)
+        self.codec_spec = plain_spec(_plain(codec)) if codec is not None else (source.codec if source is not None else None)
         self.domains = None if domains is None else dict(domains)
         self.label = label
         self.lineage: dict[str, Any] = {k: v for k, v in (source.extra if source else {}).items() if k != "label"}
@@ -342,10 +343,10 @@ class WarmupStage(StageModule):
 
     def __init__(
         self,
-        model: Optional[Union[str, AudioLMConfig]] = None,
+        model: Optional[Union[str, AudioLMConfig, Dict[str, Any]]] = None,
         init_from: Optional[Union[str, InitFrom]] = None,
         optimizer: Optional[OptimizerConfig] = None,
-        codec: Optional[ComponentSpec] = None,
+        codec: Optional[ComponentField] = None,
         trainable: List[str] = ["blocks.*.ffn.router.*", "blocks.*.ffn.shared_experts.*"],  # noqa: B006
         load_balance: Optional[AuxLossSchedule] = None,
         domains: Optional[Dict[str, str]] = None,
@@ -396,16 +397,10 @@ def _resolve_config(model: Any, source: CheckpointMetadata | None, owner: str) -
         if source is None:
             raise ValueError(f"{owner}: give model (a preset name or config) or init_from (a checkpoint to start from)")
         return source.config
-    if isinstance(model, AudioLMConfig):
-        return model
-    if isinstance(model, str):
-        return AudioLMConfig.from_preset(model)
-    if isinstance(model, dict):
-        try:
-            return config_from_dict(model)
-        except Exception as exc:
-            raise ValueError(f"{owner}.model: {exc}") from exc
-    raise ValueError(f"{owner}.model must be a preset name or an AudioLMConfig mapping, got {type(model).__name__}")
+    try:
+        return model_config(model, f"{owner}.model")
+    except (TypeError, ValueError) as exc:
+        raise ValueError(str(exc) if str(exc).startswith(owner) else f"{owner}.model: {exc}") from exc
 
 
 def _coerce(cls, value, name: str):
@@ -422,10 +417,10 @@ def _coerce(cls, value, name: str):
 
 
 def _plain(value: Any) -> Any:
-    """jsonargparse Namespaces -> dicts (hparams restored from a checkpoint arrive as either)."""
+    """jsonargparse Namespaces -> dicts (hparams restored from a checkpoint arrive as either); component fields -> specs."""
     if hasattr(value, "as_dict") and callable(value.as_dict):
         return value.as_dict()
-    return value
+    return plain_spec(value)
 
 
 def _plain_hparams(hparams) -> None:
@@ -435,6 +430,8 @@ def _plain_hparams(hparams) -> None:
             hparams[key] = dataclasses.asdict(value)
         elif hasattr(value, "as_dict"):
             hparams[key] = value.as_dict()
+        else:
+            hparams[key] = plain_spec(value)
 
 
 def _detach(info: RoutingInfo | None) -> RoutingInfo | None:
