@@ -158,6 +158,8 @@ def build_cli(
         subclass_mode_data=True,
         save_config_callback=RunConfigSaver,
         save_config_kwargs={"overwrite": True},
+        # UniMoEDataModule shards batches across ranks itself (it refuses Lightning's distributed sampler)
+        trainer_defaults={"use_distributed_sampler": False},
         parser_kwargs=parser_kwargs,
         args=args,
         run=run,

@@ -29,12 +29,23 @@ from unimoe.training.recipe_vars import RecipeError, pop_option, resolve_data_ro
 EXTENDS = "extends"
 
 
+class Replace(dict):
+    """A mapping tagged ``!replace`` in a recipe: it replaces the base's mapping instead of merging into it."""
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` plus the ``!replace`` tag (nothing else: recipes never construct objects)."""
+
+
+_RecipeLoader.add_constructor("!replace", lambda loader, node: Replace(loader.construct_mapping(node, deep=True)))
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """One YAML mapping from ``path``; errors name the file."""
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
     if data is None:
@@ -45,10 +56,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Mappings merge key by key (recursively); any other value (lists included) replaces."""
+    """Mappings merge key by key (recursively); any other value (lists, ``!replace`` mappings) replaces."""
     out = copy.deepcopy(base)
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and not isinstance(value, Replace) and isinstance(out.get(key), dict):
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
@@ -87,10 +98,21 @@ def drop_anchor_keys(tree: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in tree.items() if not str(k).startswith("x-")}
 
 
+def plain(value: Any) -> Any:
+    """A composed tree with its ``!replace`` marks dropped (plain dicts and lists, as YAML dumps them)."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
+
+
 def substitute_tree(value: Any, data_root: Optional[Path], where: str) -> Any:
-    """``${...}`` variables in every string of a tree."""
+    """``${...}`` variables in every string of a tree (marks such as ``!replace`` kept)."""
     if isinstance(value, str):
         return substitute(value, data_root, where)
+    if isinstance(value, Replace):
+        return Replace({k: substitute_tree(v, data_root, where) for k, v in value.items()})
     if isinstance(value, dict):
         return {k: substitute_tree(v, data_root, where) for k, v in value.items()}
     if isinstance(value, list):
@@ -98,10 +120,15 @@ def substitute_tree(value: Any, data_root: Optional[Path], where: str) -> Any:
     return value
 
 
-def compose_file(path: str | Path, data_root: Optional[Path]) -> dict[str, Any]:
-    """A stage recipe as the single mapping LightningCLI gets: ``extends`` merged, anchors dropped, variables resolved."""
+def compose_file(path: str | Path, data_root: Optional[Path], keep_marks: bool = False) -> dict[str, Any]:
+    """A stage recipe as the single mapping LightningCLI gets: ``extends`` merged, anchors dropped, variables resolved.
+
+    ``keep_marks`` keeps ``!replace`` marks for a caller that merges more files on top (a
+    curriculum stage's ``config`` list); it calls :func:`plain` at the end.
+    """
     tree, _ = load_tree(path)
-    return substitute_tree(drop_anchor_keys(tree), data_root, str(path))
+    tree = substitute_tree(drop_anchor_keys(tree), data_root, str(path))
+    return tree if keep_marks else plain(tree)
 
 
 def compose_argv(argv: list[str]) -> list[str]:

@@ -19,15 +19,15 @@ import yaml
 
 from unimoe.training.curriculum.schema import Curriculum, Stage, checkpoint_of
 from unimoe.training.recipe_vars import RecipeError
-from unimoe.training.recipes import compose_file, deep_merge
+from unimoe.training.recipes import compose_file, deep_merge, plain
 
 
 def compose_stage(cur: Curriculum, stage: Stage) -> dict[str, Any]:
     """The full LightningCLI config of a fit stage (defaults < config files < inline, then the curriculum's own)."""
     cfg = copy.deepcopy(cur.defaults)
     for path in stage.configs:
-        cfg = deep_merge(cfg, compose_file(path, cur.data_root))
-    cfg = deep_merge(cfg, stage.inline)
+        cfg = deep_merge(cfg, compose_file(path, cur.data_root, keep_marks=True))
+    cfg = plain(deep_merge(cfg, stage.inline))
     run_dir = stage.directory(cur.root)
     trainer = cfg.get("trainer") or {}
     cfg["trainer"] = trainer

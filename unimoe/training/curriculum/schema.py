@@ -169,6 +169,8 @@ def _parse_stage(item: Any, index: int, source: Path) -> Stage:
     _unknown(item.keys(), FIT_KEYS, where)
     config = item.get("config")
     files = [] if config is None else ([config] if isinstance(config, str) else config)
+    if isinstance(files, list):  # a list may hold lists (a YAML anchor naming several files): flattened
+        files = [f for item in files for f in (item if isinstance(item, list) else [item])]
     if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
         raise RecipeError(f"{where}: field 'config' must be a file path or a list of file paths")
     paths = [(source.parent / f).resolve() for f in files]
