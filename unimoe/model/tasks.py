@@ -1,10 +1,15 @@
-"""Task sequences: how one example becomes the token stream the model trains on.
+"""Tasks: what an example of each task needs, and how it becomes the token stream the model trains on.
 
-A task builder (registered in ``TASKS``) turns plain inputs (text or token ids, codec codes
+A task is one registered :class:`TaskBuilder` subclass (entry points in ``unimoe.tasks``). Its
+class attributes declare what the task needs (``required`` inputs, ``speaker_prompt``,
+``domain``, ``text_role``...): manifests, tokenisation, generation requests, validation
+summaries, evaluation and upcycling ask :func:`task_class` instead of keeping task names.
+An instance, built for a model config, turns plain inputs (text or token ids, codec codes
 ``[C, T]`` of the target and of an optional speaker prompt, optional video frames) into an
-unpadded :class:`Sequence`; :func:`collate` right-pads a list of them into a :class:`Batch`.
-Generation uses the same builders for its prompts (:meth:`TaskBuilder.prefix`), so training
-and inference see identical layouts, including the unconditional (CFG) form.
+unpadded :class:`~unimoe.model.batch.Sequence`; :func:`~unimoe.model.batch.collate` right-pads
+a list of them into a ``Batch``. Generation uses the same builders for its prompts
+(:meth:`TaskBuilder.prefix`), so training and inference see identical layouts, including the
+unconditional (CFG) form. :class:`TaskIds` numbers a model's tasks; it is stored in checkpoints.
 
 Layouts (``[...]`` = one block of positions; audio blocks are delayed segments, see
 :mod:`unimoe.model.delay`)::

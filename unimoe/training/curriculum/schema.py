@@ -1,40 +1,8 @@
-"""A curriculum file: its schema, parsed into :class:`Curriculum` with errors that name file and field.
+"""A curriculum file: its schema (see the package docstring), parsed into :class:`Curriculum`.
 
-``unimoe curriculum``: specialists -> upcycle -> warmup -> joint, resumable stage by stage.
-
-A curriculum file lists stages; each fit stage is a LightningCLI config (files + inline
-overrides) run into ``<root>/<stage>/``, each upcycle stage merges earlier stages'
-checkpoints. Stage N+1 starts from stage N through ``init_from`` (weights only, step 0).
-
-State on disk (nothing else is needed to resume):
-
-* a stage is **finished** when ``<root>/<stage>/DONE.json`` and its final checkpoint
-  (``final.ckpt``; ``upcycled.ckpt`` for an upcycle stage) exist; both are written
-  atomically, the marker last. Finished stages are skipped and never overwritten.
-* a fit stage with ``checkpoints/last.ckpt`` but no marker was **interrupted**: it resumes
-  with ``--ckpt_path last.ckpt`` (optimizer, step, MLflow run) and without ``init_from``.
-* ``<root>/curriculum.json`` summarises every stage (status, steps, losses, times);
-  ``<root>/mlflow.db`` holds one MLflow experiment with one run per fit stage.
-
-Schema (unknown keys are errors with a "did you mean"; ``x-*`` keys hold YAML anchors)::
-
-    name: unimoe-demo              # MLflow experiment
-    root: runs/demo                # relative to the cwd; --root overrides
-    data_root: ../data             # relative to this file; --data_root / $UNIMOE_DATA_ROOT override
-    launcher: inprocess            # or subprocess (one `unimoe fit` process per stage; needed for DDP)
-    checkpoint_every_n_steps: 50   # last.ckpt cadence of every fit stage
-    extends: other.yaml            # optional base curriculum (deep-merged; `stages` replaced)
-    defaults: {trainer: {...}}     # deep-merged under every fit stage's config
-    stages:
-      - name: specialist_tts
-        config: specialist.yaml    # LightningCLI YAML (or a list), relative to this file
-        model: {...}               # inline overrides: model / data / trainer / seed_everything
-      - name: upcycle
-        upcycle: {specialists: [specialist_tts, ...], pieces: 2, moe: {...}}
-      - name: warmup
-        config: warmup.yaml
-        init_from: upcycle         # an earlier stage (its final checkpoint), a path, or
-                                   # {stage|path, include, exclude, remap, strict}
+Unknown keys are errors with a "did you mean"; so are references to a later or unknown
+stage, duplicate stage names, missing files and bad upcycle options. The file and its
+``extends`` chain are read through :mod:`unimoe.training.recipes`.
 """
 
 from __future__ import annotations
