@@ -263,3 +263,13 @@ def test_ddp_with_lightning_distributed_sampler_is_refused(shards):
         dm.train_dataloader()
     dm.trainer._accelerator_connector.use_distributed_sampler = False
     assert dm.train_dataloader().batch_sampler.rank == 1
+
+
+def test_without_a_stage_the_data_module_needs_a_model(shards):
+    dm = UniMoEDataModule(sources=shards, max_tokens=600)
+    with pytest.raises(ValueError, match="no model to lay sequences out for: attach it to a unimoe training stage"):
+        dm.setup("fit")
+    dm = UniMoEDataModule(sources=shards, model={"preset": "tiny", "num_codebooks": 2, "codebook_size": 64,
+                                                  "delays": [0, 1], "max_seq_len": 1024}, max_tokens=600)
+    dm.setup("validate")
+    assert dm.layout.config == MODEL and dm.layout.task_ids.names == sorted(dm.data_tasks())
