@@ -13,7 +13,7 @@ import dataclasses
 import difflib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional
 
 from unimoe.model.text_tokenizer import build_text_tokenizer
 from unimoe.moe.config import MoEConfig
