@@ -120,7 +120,8 @@ def test_every_stage_leaves_a_self_describing_checkpoint(curriculum_run):
         model, meta = load_model(root / stage / ("upcycled.ckpt" if stage == "upcycle" else "final.ckpt"))
         assert meta.stage == kind
         assert (meta.config.moe is None) == stage.startswith("specialist")
-        assert meta.codec["path"] == str(curriculum_run["data"] / "codec.pt")
+        codec_args = meta.codec.get("init_args", meta.codec)  # {class_path, init_args} (recipes) or {name, ...}
+        assert codec_args["path"] == str(curriculum_run["data"] / "codec.pt")
     _, joint = load_model(root / "joint" / "final.ckpt")
     assert joint.extra["expert_labels"] == ["tts.0", "tts.1", "t2m.0", "t2m.1", "v2m.0", "v2m.1"]
     assert joint.extra["init_from"]["stage"] == "warmup"

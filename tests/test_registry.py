@@ -140,7 +140,7 @@ def test_broken_duplicate_and_module_entry_points_fail_naming_the_package(tmp_pa
         reg.get("broken")
     with pytest.raises(RegistryError, match="names a module"):
         reg.get("mod")
-    with pytest.raises(RegistryError, match="already declared by the entry point bad_one:A"):
+    with pytest.raises(RegistryError, match="already declared by the entry point bad_one:A, bad_two:B"):
         reg.register("twin", Widget)
     for module in ("bad_one", "bad_two"):
         sys.modules.pop(module, None)

@@ -128,7 +128,7 @@ class Registry(Generic[T]):
         def decorator(obj: Callable[..., T]) -> Callable[..., T]:
             existing = self._factories.get(name)
             if existing is None and name in self._declared():
-                existing_ref = ", ".join(ep.value for ep in self._declared()[name])
+                existing_ref = ", ".join(sorted(ep.value for ep in self._declared()[name]))
                 raise RegistryError(f"{self.kind} name {name!r} is already declared by the entry point {existing_ref}; "
                                     f"pick another name for {_qualname(obj)}")
             if existing is not None and existing is not obj:
