@@ -72,8 +72,8 @@ def test_the_upcycled_models_are_the_moe_presets():
     assert demo["joint"] == demo["warmup"] == demo["upcycle"] == AudioLMConfig.from_preset("demo-moe")
     paper = _stage_models(load_curriculum(RECIPES / "paper" / "curriculum.yaml", data_root="/d"))
     preset = AudioLMConfig.from_preset("paper")
-    # what the paper recipe changes on purpose (and says so): tokenizer file, EnCodec's 8 codebooks, checkpointing
-    changed = {"text_tokenizer", "num_codebooks", "delays", "gradient_checkpointing"}
+    # what the paper recipe changes on purpose (and says so): the tokenizer file, activation checkpointing
+    changed = {"text_tokenizer", "gradient_checkpointing"}
     for field in AudioLMConfig.__dataclass_fields__:
         if field not in changed:
             assert getattr(paper["joint"], field) == getattr(preset, field), field
