@@ -29,12 +29,12 @@ ALL_STAGES = FIT_STAGES[:3] + ["upcycle"] + FIT_STAGES[3:]
 
 def tiny_curriculum(path: Path, root: Path, kill_marker: Path) -> Path:
     """The demo recipes' stage files with tiny sizes and a handful of steps (and a kill in joint)."""
-    tiny_data_overrides = {"init_args": {"model": TINY_MODEL, "max_tokens": 2048}}
+    tiny_data_overrides = {"init_args": {"max_tokens": 2048}}  # the layout comes from the stage's model
     quiet = {"enable_progress_bar": False, "log_every_n_steps": 1}
 
     def specialist(task: str, steps: int) -> dict:
         return {"name": f"specialist_{task}", "config": str(RECIPES / "demo" / "specialist.yaml"),
-                "model": {"init_args": {"label": task, "model": TINY_MODEL}},
+                "model": {"init_args": {"model": TINY_MODEL}},  # experts are named after the data task
                 "data": deep_merge(tiny_data_overrides, {"init_args": {"sources": {task: f"${{data_root}}/shards/{task}"}}}),
                 "trainer": {**quiet, "max_steps": steps, "val_check_interval": steps}}
 
@@ -79,7 +79,7 @@ def curriculum_run(tmp_path_factory):
     (work / "recipes").mkdir()
     root, marker = work / "runs", work / "killed.json"
     config = tiny_curriculum(work / "recipes" / "tiny.yaml", root, marker)
-    (work / "joint.yaml").write_text((RECIPES / "joint.yaml").read_text())  # "../joint.yaml" from recipes/
+    (work / "joint.yaml").write_text(f"extends: {RECIPES / 'joint.yaml'}\n")  # "../joint.yaml" from recipes/
 
     first = run_curriculum(config, data, work)  # trains everything, then SIGKILLs itself in joint at step 5
     mtimes = {s: (root / s / ("upcycled.ckpt" if s == "upcycle" else "final.ckpt")).stat().st_mtime_ns
@@ -120,7 +120,8 @@ def test_every_stage_leaves_a_self_describing_checkpoint(curriculum_run):
         model, meta = load_model(root / stage / ("upcycled.ckpt" if stage == "upcycle" else "final.ckpt"))
         assert meta.stage == kind
         assert (meta.config.moe is None) == stage.startswith("specialist")
-        assert meta.codec["path"] == str(curriculum_run["data"] / "codec.pt")
+        codec_args = meta.codec.get("init_args", meta.codec)  # {class_path, init_args} (recipes) or {name, ...}
+        assert codec_args["path"] == str(curriculum_run["data"] / "codec.pt")
     _, joint = load_model(root / "joint" / "final.ckpt")
     assert joint.extra["expert_labels"] == ["tts.0", "tts.1", "t2m.0", "t2m.1", "v2m.0", "v2m.1"]
     assert joint.extra["init_from"]["stage"] == "warmup"
@@ -235,7 +236,7 @@ def test_recipe_variables_and_merging(tmp_path, monkeypatch):
 
 
 def test_paper_recipes_are_valid_lightningcli_configs():
-    from unimoe.training.curriculum import compose_stage, validate_stage_config
+    from unimoe.training.curriculum import compose_stage, upcycle_options, validate_stage_config
 
     cur = load_curriculum(RECIPES / "paper" / "curriculum.yaml", data_root="/data/unimoe")
     assert cur.launcher == "subprocess"
@@ -244,8 +245,8 @@ def test_paper_recipes_are_valid_lightningcli_configs():
         cfg = compose_stage(cur, stage)
         validate_stage_config(cfg, stage)  # the real parser, no instantiation
         assert cfg["trainer"]["default_root_dir"] == str(cur.root / stage.name)
-    up = cur.stage("upcycle").upcycle
-    assert up["moe"]["num_routed_experts"] == 4 * up["pieces"] == 8 and up["moe"]["routed_intermediate_size"] == 2752
+    up = upcycle_options(cur, cur.stage("upcycle"))
+    assert up["moe"].num_routed_experts == 4 * up["pieces"] == 8 and up["moe"].routed_intermediate_size == 2752
     warmup = compose_stage(cur, cur.stage("warmup"))
     assert warmup["model"]["init_args"]["init_from"] == str(cur.root / "upcycle" / "upcycled.ckpt")
     assert warmup["model"]["init_args"]["optimizer"]["lr"] == 3e-5
@@ -261,7 +262,7 @@ def test_ddp_stages_through_the_subprocess_launcher_sum_routing_over_ranks(tmp_p
     data = tiny_data(tmp_path_factory.getbasetemp())
     work = tmp_path_factory.mktemp("ddp")
     quiet = {"enable_progress_bar": False, "log_every_n_steps": 1, "num_sanity_val_steps": 0}
-    tiny_data_args = {"init_args": {"model": TINY_MODEL, "max_tokens": 2048}}
+    tiny_data_args = {"init_args": {"max_tokens": 2048}}
     config = write(work / "ddp.yaml", {
         "name": "ddp", "root": str(work / "runs"), "launcher": "subprocess", "checkpoint_every_n_steps": 2,
         "stages": [

@@ -24,6 +24,11 @@ def recorded(monkeypatch, tmp_path):
     def recorder(name):
         def main(argv):
             calls.append((name, list(argv)))
+            if name == "data":  # what `unimoe data demo` leaves: the corpus record naming its manifests
+                corpus = Path(argv[argv.index("--out") + 1])
+                corpus.mkdir(parents=True, exist_ok=True)
+                (corpus / "corpus.json").write_text(json.dumps({"manifests": {
+                    t: f"manifests/{t}.jsonl" for t in ("tts", "t2m", "v2m", "all")}}))
             return 3 if fail["name"] == name else 0
         return main
 

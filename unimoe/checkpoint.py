@@ -39,6 +39,7 @@ import torch
 from unimoe.atomic import atomic_path
 from unimoe.model.config import AudioLMConfig
 from unimoe.moe.config import MoEConfig
+from unimoe.model.tasks import TaskIds
 from unimoe.registry import ComponentSpec
 
 METADATA_KEY = "unimoe"
@@ -105,6 +106,13 @@ class CheckpointMetadata:
     stage: str = "unknown"
     tasks: dict[str, ComponentSpec] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    task_ids: Optional[list[str]] = None
+    """Task names in id order (the model's :class:`~unimoe.model.tasks.TaskIds`); None in
+    checkpoints written before ids were stored (:meth:`task_table` falls back to the old order)."""
+
+    def task_table(self) -> TaskIds:
+        """The task ids this model was trained with (stored, else the legacy order)."""
+        return TaskIds(self.task_ids) if self.task_ids is not None else TaskIds.legacy()
 
     def to_dict(self) -> dict[str, Any]:
         return plain_json({
@@ -113,6 +121,7 @@ class CheckpointMetadata:
             "codec": self.codec,
             "stage": self.stage,
             "tasks": dict(self.tasks),
+            "task_ids": None if self.task_ids is None else list(self.task_ids),
             "extra": dict(self.extra),
         })
 
@@ -130,6 +139,7 @@ class CheckpointMetadata:
                 stage=data.get("stage", "unknown"),
                 tasks=dict(data.get("tasks") or {}),
                 extra=dict(data.get("extra") or {}),
+                task_ids=None if data.get("task_ids") is None else [str(n) for n in data["task_ids"]],
             )
         except CheckpointError as exc:
             raise CheckpointError(f"{source}: {exc}") from exc

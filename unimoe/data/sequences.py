@@ -9,33 +9,61 @@ loading its codes, so the token-budget sampler can plan batches before any shard
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 
 from unimoe.data.dataset import Example
+from unimoe.model.batch import collate
+from unimoe.model.config import AudioLMConfig
+from unimoe.model.tasks import TaskIds, build_task_builder
+
+SEQUENCE_FIELDS = ("num_codebooks", "codebook_size", "delays", "text_tokenizer", "vision", "max_seq_len")
+"""The model-config fields that decide how an example is laid out (and whether it fits)."""
+
+
+@dataclass
+class SequenceLayout:
+    """What the data pipeline needs from a model to lay its examples out.
+
+    ``config`` supplies the :data:`SEQUENCE_FIELDS`; ``task_ids`` numbers the tasks. A
+    training stage hands its own to the data module (:meth:`unimoe.training.stages.StageModule.sequence_layout`),
+    so the data module never holds a second copy of the model config.
+    """
+
+    config: AudioLMConfig
+    task_ids: TaskIds
+
+    def disagreements(self, other: AudioLMConfig) -> list[str]:
+        """``field: data <other's> vs model <this one's>`` for every sequence-layout field where they differ."""
+        return [f"{f}: data {getattr(other, f)!r} vs model {getattr(self.config, f)!r}" for f in SEQUENCE_FIELDS
+                if getattr(other, f) != getattr(self.config, f)]
 
 
 class SequenceMaker:
     """Builds sequences for every task found in the data; used as the DataLoader's ``collate_fn``.
 
     ``model`` is the model's :class:`~unimoe.model.config.AudioLMConfig` (codebooks,
-    delays, tokenizer, vision encoder, ``max_seq_len``). ``cond_drop_prob`` is passed to
-    every task builder (classifier-free guidance training); ``train=False`` never drops.
-    ``tasks`` gives extra builder arguments per task, e.g. ``{"tts": {"uncond_keep": ["prompt"]}}``.
+    delays, tokenizer, vision encoder, ``max_seq_len``); ``task_ids`` its task table (default:
+    the legacy order, for standalone use). ``cond_drop_prob`` is passed to every task builder
+    (classifier-free guidance training); ``train=False`` never drops. ``tasks`` gives extra
+    builder arguments per task, e.g. ``{"tts": {"uncond_keep": ["prompt"]}}``.
     """
 
     def __init__(
         self,
-        model: Any,
+        model: AudioLMConfig,
         cond_drop_prob: float = 0.1,
         tasks: Mapping[str, Mapping[str, Any]] | None = None,
         train: bool = True,
         pad_to_multiple_of: int = 1,
         seed: int = 0,
+        task_ids: TaskIds | None = None,
     ) -> None:
         self.model = model
+        self.task_ids = task_ids
         self.cond_drop_prob = cond_drop_prob
         self.task_args = {k: dict(v) for k, v in (tasks or {}).items()}
         self.train = train
@@ -50,20 +78,13 @@ class SequenceMaker:
     def builder(self, task: str):
         b = self._builders.get(task)
         if b is None:
-            from unimoe.model.tasks import build_task_builder
-
             spec = {"name": task, "cond_drop_prob": self.cond_drop_prob, **self.task_args.get(task, {})}
-            b = self._builders[task] = build_task_builder(spec, self.model)
+            b = self._builders[task] = build_task_builder(spec, self.model, task_ids=self.task_ids)
         return b
-
-    @staticmethod
-    def _accepted(builder) -> set[str]:
-        return set(builder.conditions) | set(getattr(builder, "extra_inputs", ()))
 
     def _conditions(self, builder, text, prompt, prompt_text, video) -> dict[str, Any]:
         given = {"text": text, "prompt": prompt, "prompt_text": prompt_text, "video": video}
-        accepted = self._accepted(builder)
-        return {k: v for k, v in given.items() if v is not None and k in accepted}
+        return {k: v for k, v in given.items() if v is not None and builder.accepts(k)}
 
     # ------------------------------------------------------------------ lengths
     def length(self, row: Mapping[str, Any]) -> int:
@@ -176,8 +197,6 @@ class SequenceMaker:
         return b.build(example.codes, drop_condition=drop, rng=self.rng(), **conds)
 
     def __call__(self, examples: list[Example]):
-        from unimoe.model.tasks import collate
-
         return collate([self.sequence(e) for e in examples], pad_to_multiple_of=self.pad_to_multiple_of)
 
     def __getstate__(self) -> dict:

@@ -22,7 +22,7 @@ import shutil
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,6 +32,7 @@ from unimoe.atomic import write_text_atomic
 from unimoe.audio import AudioFileError, load_audio
 from unimoe.data.manifest import ManifestEntry, ManifestError, check_manifest
 from unimoe.data.index import INDEX_DIR, LEGACY_INDEX_FILE, IndexWriter
+from unimoe.data.prompts import takes_speaker_prompt
 from unimoe.data.shards import (
     SETTINGS_FILE, SHARD_FORMAT, SHARD_VERSION, SKIPPED_FILE, ShardError, codes_dtype, codec_record, load_shard,
     save_shard, shard_name, write_json,
@@ -52,8 +53,10 @@ class TokenizeConfig:
     max_seconds: float = 30.0
     silence_db: float = -55.0
     """Clips whose RMS level is below this (dBFS) count as silent."""
-    prompt_tasks: tuple[str, ...] = ("tts",)
-    """Tasks that need a speaker prompt; their entries without one are skipped."""
+    prompt_tasks: tuple[str, ...] | None = None
+    """Tasks that need a speaker prompt (their entries without one are skipped); None = the
+    tasks that declare one (``TaskBuilder.speaker_prompt``: tts). Resolved against the
+    manifest's tasks before the run (:func:`resolve_prompt_tasks`)."""
     prompt_max_seconds: float = 3.0
     """The prompt is cut to its first N seconds (voice cloning needs a short reference)."""
     prompt_min_seconds: float = 0.5
@@ -61,7 +64,7 @@ class TokenizeConfig:
     """Only these splits (None: all)."""
 
     def __post_init__(self) -> None:
-        self.prompt_tasks = tuple(self.prompt_tasks)
+        self.prompt_tasks = tuple(self.prompt_tasks) if self.prompt_tasks is not None else None
         self.splits = tuple(self.splits) if self.splits is not None else None
         if self.shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
@@ -131,7 +134,7 @@ def encode_entry(entry: ManifestEntry, codec, cfg: TokenizeConfig, prompt_cache:
         raise _Skip("silent", f"RMS {_rms_db(wav):.1f} dBFS < {cfg.silence_db} dBFS")
 
     prompt_codes = None
-    if entry.task in cfg.prompt_tasks:
+    if entry.task in (cfg.prompt_tasks or ()):
         if not entry.prompt_audio:
             raise _Skip("missing prompt", "no prompt_audio (speaker with a single utterance?)")
         cache = prompt_cache if prompt_cache is not None else {}
@@ -318,6 +321,7 @@ def tokenize_manifest(
         raise ManifestError(problems)
     if cfg.splits is not None:
         numbered = [(n, e) for n, e in numbered if e.split in cfg.splits]
+    cfg = resolve_prompt_tasks(cfg, {e.task for _, e in numbered}, out / SETTINGS_FILE)
     main_codec = build_codec(codec)
     codec_info = codec_record(main_codec)
     settings = {"config": asdict(cfg), "codec": codec_info}
@@ -369,6 +373,31 @@ def tokenize_manifest(
         })
     return TokenizeReport(out, len(jobs), len(pending), len(jobs) - len(pending), index.num_items, skipped,
                           time.perf_counter() - start, codec_info)
+
+
+def resolve_prompt_tasks(cfg: TokenizeConfig, tasks: set[str], settings_file: Path) -> TokenizeConfig:
+    """``cfg`` with ``prompt_tasks`` filled in for a manifest with ``tasks``.
+
+    None becomes the manifest's tasks that declare a speaker prompt. The choice only matters
+    for the tasks present, so when a folder was tokenised with a recorded ``prompt_tasks``
+    that decides the same for every one of them (and otherwise the same settings), that
+    record is kept: its shards stay valid and are reused (e.g. ``["tts"]`` for a music
+    manifest, the value folders tokenised before tasks declared their prompts recorded).
+    """
+    if cfg.prompt_tasks is not None:
+        return cfg
+    resolved = tuple(sorted(t for t in tasks if takes_speaker_prompt(t)))
+    try:
+        old = json.loads(settings_file.read_text(encoding="utf-8")).get("config") or {}
+    except (OSError, ValueError):
+        old = {}
+    recorded = old.get("prompt_tasks")
+    if isinstance(recorded, list) and {t for t in tasks if t in recorded} == set(resolved):
+        same_otherwise = {k: v for k, v in old.items() if k != "prompt_tasks"} == json.loads(json.dumps(
+            {k: v for k, v in asdict(cfg).items() if k != "prompt_tasks"}))
+        if same_otherwise:
+            return replace(cfg, prompt_tasks=tuple(recorded))
+    return replace(cfg, prompt_tasks=resolved)
 
 
 def _check_settings(out: Path, run_info: dict[str, Any], overwrite: bool) -> None:

@@ -33,7 +33,6 @@ class TextTokenizer(ABC):
         """Inverse of :meth:`encode` (special ids are skipped)."""
 
 
-@TEXT_TOKENIZERS.register("bytes")
 class ByteTokenizer(TextTokenizer):
     """UTF-8 bytes as ids 0..255, then ``pad = 256``, ``bos = 257``, ``eos = 258``.
 
@@ -54,7 +53,6 @@ class ByteTokenizer(TextTokenizer):
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
 
-@TEXT_TOKENIZERS.register("hf")
 class HFTokenizer(TextTokenizer):
     """A local Hugging Face tokenizer (nothing is downloaded).
 

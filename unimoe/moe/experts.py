@@ -43,7 +43,6 @@ class ExpertGroup(nn.Module):
         raise NotImplementedError
 
 
-@EXPERTS.register("swiglu")
 class SwiGLUExperts(ExpertGroup):
     """``num_experts`` SwiGLU experts with stacked weights, run as two grouped GEMMs.
 
@@ -84,7 +83,6 @@ class SwiGLUExperts(ExpertGroup):
         )
 
 
-@EXPERTS.register("null")
 class NullExperts(ExpertGroup):
     """Parameter-free experts that output zero (adaptive compute: AdaMoE / UniMoE-Audio).
 

@@ -9,11 +9,12 @@ Defaults a user would otherwise wire by hand on every run:
   ``StageFinalizer``: ``<default_root_dir>/final.ckpt`` when training ends normally.
 - A rich progress bar over the stage's optimizer steps (``StepProgressBar``), and the resolved
   config saved next to the checkpoints and in MLflow.
-- Plug-ins from installed packages are imported before parsing, so YAML may name their
-  classes by short name; the stage modules and callbacks are importable by short name too
-  (``class_path: JointStage``, ``class_path: ExpertLoadMonitor``).
-- ``${data_root}`` / ``${env:NAME}`` in ``--config`` files (``--data_root`` or
-  ``$UNIMOE_DATA_ROOT``; see :mod:`unimoe.training.recipe_vars`).
+- Stages, data modules and callbacks (in-tree and from installed plug-ins, all declared as
+  entry points) are imported before parsing, so YAML names them by short class name
+  (``class_path: JointStage``, ``class_path: UniMoEDataModule``, ``class_path: ExpertLoadMonitor``).
+- ``--config`` files are composed first (``extends``, ``${data_root}`` / ``${env:NAME}``,
+  ``--data_root`` or ``$UNIMOE_DATA_ROOT``; see :mod:`unimoe.training.recipes`), exactly as
+  ``unimoe curriculum`` composes its stage files.
 
 Resume versus initialisation: ``--ckpt_path`` resumes the SAME stage; LightningCLI then
 restores the checkpoint's saved hyper-parameters, including the module class. unimoe
@@ -161,13 +162,16 @@ def build_cli(
     args: list[str] | None = None, run: bool = True, cli_class: type[UniMoECLI] | None = None,
     parser_kwargs: dict[str, Any] | None = None,
 ) -> UniMoECLI:
-    """Construct the CLI (parsing ``args``) with every plug-in imported first."""
-    import unimoe.components  # noqa: F401  in-tree registrations
-    import unimoe.training.callbacks  # noqa: F401  short class names in YAML
-    import unimoe.training.stages  # noqa: F401
-    from unimoe.registry import load_all_plugins
+    """Construct the CLI (parsing ``args``); stages, data modules and callbacks are imported first.
 
-    load_all_plugins()
+    LightningCLI resolves a short ``class_path`` (``JointStage``) among imported subclasses,
+    so every class declared in the ``unimoe.stages`` / ``unimoe.data_modules`` /
+    ``unimoe.callbacks`` entry points (in-tree and plug-ins alike) is imported before parsing.
+    Other components (routers, codecs...) are resolved by the registry when they are built.
+    """
+    from unimoe.registry import load_lightning_classes
+
+    load_lightning_classes()
     # `unimoe fit ...` / `unimoe curriculum` hand LightningCLI their own argv (after variable
     # resolution), which Lightning would otherwise flag as "args and command line arguments".
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
@@ -178,6 +182,8 @@ def build_cli(
         subclass_mode_data=True,
         save_config_callback=RunConfigSaver,
         save_config_kwargs={"overwrite": True},
+        # UniMoEDataModule shards batches across ranks itself (it refuses Lightning's distributed sampler)
+        trainer_defaults={"use_distributed_sampler": False},
         parser_kwargs=parser_kwargs,
         args=args,
         run=run,
@@ -185,11 +191,10 @@ def build_cli(
 
 
 def prepare_argv(argv: list[str]) -> list[str]:
-    """Resolve ``--data_root`` and the variables of ``--config`` files (see recipe_vars)."""
-    from unimoe.training.recipe_vars import expand_config_args, pop_option, resolve_data_root
+    """Compose every ``--config`` file (``extends``, variables; :mod:`unimoe.training.recipes`)."""
+    from unimoe.training.recipes import compose_argv
 
-    data_root, rest = pop_option(list(argv), "--data_root")
-    return expand_config_args(rest, resolve_data_root(data_root))
+    return compose_argv(argv)
 
 
 def run_lightning_cli(argv: list[str]) -> int:

@@ -75,7 +75,6 @@ class AudioSamples(Callback):
 
     def _codec_for(self, pl_module):
         if self._codec is None:
-            import unimoe.components  # noqa: F401  registers the codecs
             from unimoe.registry import CODECS
 
             self._codec = CODECS.build(pl_module.codec_spec).eval()
@@ -130,7 +129,8 @@ class AudioSamples(Callback):
         ]
         builders = dict(getattr(pl_module, "task_args", None) or {})
         generator = Generator(pl_module.model, codec, self.settings, builders=builders,
-                              info={"stage": getattr(pl_module, "stage_name", None), "step": trainer.global_step})
+                              info={"stage": getattr(pl_module, "stage_name", None), "step": trainer.global_step},
+                              task_ids=getattr(pl_module, "task_ids", None))
         clips = generator.generate(requests)
         out_dir = Path(trainer.default_root_dir) / "samples" / f"step{trainer.global_step:07d}"
         write_clips(clips, out_dir)
