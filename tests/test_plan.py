@@ -118,19 +118,15 @@ def test_warmup_trains_only_routers_and_shared_experts(capsys):
 
 
 def _paper_moe():
-    """The paper curriculum's MoE built independently: specialist.yaml's model + the upcycle stage's moe."""
-    from unimoe.checkpoint import config_from_dict
-    from unimoe.model.params import meta_model
-    from unimoe.moe.config import MoEConfig
+    """The paper curriculum's MoE built independently of the recipe reader: the ``paper`` preset, which
+    tests/test_recipes.py checks is exactly the upcycle of the paper specialists."""
+    from unimoe.model.transformer import meta_model
 
-    dense = yaml.safe_load((ROOT / "recipes" / "paper" / "specialist.yaml").read_text().replace("${data_root}", "/x"))
-    upcycle = next(s for s in yaml.safe_load(PAPER.read_text())["stages"] if s["name"] == "upcycle")["upcycle"]
-    cfg = config_from_dict(dense["model"]["init_args"]["model"]).replace(moe=MoEConfig(**upcycle["moe"]))
-    return meta_model(cfg)
+    return meta_model(AudioLMConfig.from_preset("paper"))
 
 
-def test_specialist_stage_file_and_demo_recipes(capsys):
-    spec = _plan(capsys, "--config", str(ROOT / "recipes" / "paper" / "specialist.yaml"), "--videos", "0")
+def test_specialist_stage_and_demo_recipes(capsys):
+    spec = _plan(capsys, "--config", str(PAPER), "--stage", "specialist_tts_en", "--videos", "0")
     assert not spec["model"]["moe"] and spec["world_size"] == 8 and spec["activation_checkpointing"] is True
     demo = _plan(capsys, "--config", str(ROOT / "recipes" / "demo" / "curriculum.yaml"), "--stage", "specialist_tts",
                  "--gpus", "1", "--gpu-memory", "24GB")
@@ -204,7 +200,7 @@ def test_bad_input_names_the_field_and_numbers(tmp_path, capsys):
                                                             "--strategy", "deepspeed_stage_3")
     assert "unknown --strategy class 'my.Strategy'" in _error(capsys, "--config", str(PAPER), "--stage", "joint",
                                                             "--strategy", "{class_path: my.Strategy}")
-    err = _error(capsys, "--config", str(ROOT / "recipes" / "paper" / "joint.yaml"))
+    err = _error(capsys, "--config", str(ROOT / "recipes" / "joint.yaml"))  # init_from runs/demo/warmup/... not there
     assert "init_from" in err and "--model" in err and "--stage" in err
     recipe = {"model": {"class_path": "JointStage", "init_args": {"model": "tiny"}}}
     (tmp_path / "dense_joint.yaml").write_text(yaml.safe_dump(recipe))

@@ -41,7 +41,8 @@ from unimoe.data.sampler import (
     MixtureSampler, SubsetSampler, TokenBudgetBatchSampler, mixture_probabilities, seed_subset,
 )
 from unimoe.data.sequences import SequenceLayout, SequenceMaker
-from unimoe.data.shards import CodecMismatchError, compare_codecs, read_index
+from unimoe.data.index import open_index
+from unimoe.data.shards import CodecMismatchError, compare_codecs
 from unimoe.model.config import AudioLMConfig, model_config
 from unimoe.model.tasks import TaskIds
 
@@ -160,7 +161,7 @@ class UniMoEDataModule(L.LightningDataModule):
         tasks = set()
         for dirs in self.sources.values():
             for d in dirs:
-                tasks.update(read_index(Path(d))["items"]["task"])
+                tasks.update(open_index(Path(d)).categories("task"))
         return sorted(tasks)
 
     def builder_specs(self, tasks: list[str]) -> dict[str, dict[str, Any]]:

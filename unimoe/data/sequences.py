@@ -110,7 +110,8 @@ class SequenceMaker:
         Columns: text tokens, prompt-text tokens, text is None, prompt text is None, prompt
         frames, video frames, video height, video width.
         """
-        accepted = self._accepted(self.builder(task))
+        builder = self.builder(task)
+        accepted = {k for k in ("text", "prompt", "prompt_text", "video") if builder.accepts(k)}
         out = features.copy()
         if "text" not in accepted:
             out[:, 0], out[:, 2] = 0, 1

@@ -83,41 +83,36 @@ class PlanInputs:
 
 # ---------------------------------------------------------------------- reading recipes
 def load_stage(path: str | Path, stage: Optional[str] = None, data_root: Optional[str] = None) -> StageRecipe:
-    """A stage recipe file, or stage ``stage`` of a curriculum file (``stages:``)."""
-    from unimoe.training.recipe_vars import RecipeError
+    """A stage recipe file, or stage ``stage`` of a curriculum file (``stages:``), composed by the
+    one composition path (:mod:`unimoe.training.recipes`) exactly as ``unimoe fit`` / ``unimoe
+    curriculum`` compose it."""
+    from unimoe.training.recipe_vars import RecipeError, resolve_data_root
+    from unimoe.training.recipes import compose_file, load_tree
 
     path = Path(path)
     if not path.is_file():
         raise PlanError(f"--config {path}: file not found")
-    text = path.read_text(encoding="utf-8")
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise PlanError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise PlanError(f"{path}: must be a YAML mapping (a stage recipe or a curriculum), got {type(raw).__name__}")
-    try:
-        if "stages" in raw or "extends" in raw:
-            return _curriculum_stage(path, stage, data_root)
+        tree, _ = load_tree(path)
+        if "stages" in tree:
+            return _curriculum_stage(path, tree, stage, data_root)
         if stage is not None:
             raise PlanError(f"--stage {stage!r}: {path} is a stage recipe, not a curriculum (it has no 'stages')")
-        from unimoe.training.recipe_vars import resolve_data_root, substitute
-
         root = resolve_data_root(data_root) or Path(PLACEHOLDER_DATA_ROOT)
-        config = yaml.safe_load(substitute(text, root, str(path)))
+        config = compose_file(path, root)
     except RecipeError as exc:
         raise PlanError(str(exc)) from exc
     return StageRecipe(config=config, where=str(path))
 
 
-def _curriculum_stage(path: Path, stage: Optional[str], data_root: Optional[str]) -> StageRecipe:
+def _curriculum_stage(path: Path, tree: dict[str, Any], stage: Optional[str], data_root: Optional[str]) -> StageRecipe:
     import os
 
     from unimoe.training.curriculum import compose_stage, load_curriculum
     from unimoe.training.recipe_vars import ENV_DATA_ROOT
 
-    root = data_root or (None if os.environ.get(ENV_DATA_ROOT) or _has_own_data_root(path) else PLACEHOLDER_DATA_ROOT)
-    cur = load_curriculum(path, data_root=root)
+    has_root = bool(tree.get("data_root")) or bool(os.environ.get(ENV_DATA_ROOT))
+    cur = load_curriculum(path, data_root=data_root or (None if has_root else PLACEHOLDER_DATA_ROOT))
     fit = [s.name for s in cur.stages if s.kind == "fit"]
     if stage is None:
         raise PlanError(f"{path} is a curriculum: choose a stage with --stage NAME (training stages: {', '.join(fit)})")
@@ -132,45 +127,24 @@ def _curriculum_stage(path: Path, stage: Optional[str], data_root: Optional[str]
     return StageRecipe(config=compose_stage(cur, chosen), where=f"{path} stage {stage!r}", curriculum=cur, stage=chosen)
 
 
-def _has_own_data_root(path: Path) -> bool:
-    """Whether the curriculum (or a file it extends) sets ``data_root:``: then no placeholder is needed."""
-    seen: set[Path] = set()
-    while path not in seen:
-        seen.add(path)
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if raw.get("data_root"):
-            return True
-        if not raw.get("extends"):
-            return False
-        path = (path.parent / str(raw["extends"])).resolve()
-    return False
-
-
 # ---------------------------------------------------------------------- the model
 def model_config(value: Any, where: str) -> AudioLMConfig:
-    """A preset name, a mapping of AudioLMConfig fields, or a YAML file / string of one."""
-    from unimoe.checkpoint import config_from_dict
+    """A preset name, ``{preset: ..., fields}``, a mapping of AudioLMConfig fields, or a YAML file / string of one."""
+    from unimoe.model.config import model_config as parse_model
 
-    if isinstance(value, AudioLMConfig):
-        return value
     if isinstance(value, str):
         candidate = Path(value)
         if candidate.suffix in (".yaml", ".yml", ".json") and candidate.is_file():
             value = yaml.safe_load(candidate.read_text(encoding="utf-8"))
         elif value.lstrip().startswith("{"):
             value = yaml.safe_load(value)
-        else:
-            try:
-                return AudioLMConfig.from_preset(value)
-            except ValueError as exc:
-                raise PlanError(f"{where}: {exc}") from exc
-    if isinstance(value, dict):
-        value = value.get("init_args", value) if "class_path" in value else value
-        try:
-            return config_from_dict(value)
-        except Exception as exc:  # noqa: BLE001 - any bad field of the config
-            raise PlanError(f"{where}: not a valid AudioLMConfig: {exc}") from exc
-    raise PlanError(f"{where}: expected a preset name or AudioLMConfig fields, got {type(value).__name__}")
+    if isinstance(value, dict) and "class_path" in value:
+        value = value.get("init_args") or {}
+    try:
+        return parse_model(value, where)
+    except (TypeError, ValueError) as exc:
+        message = str(exc)
+        raise PlanError(message if message.startswith(where) else f"{where}: {message}") from exc
 
 
 def resolve_model(recipe: StageRecipe, override: Any = None) -> tuple[AudioLMConfig, str]:
@@ -202,8 +176,9 @@ def _checkpoint_config(path: Path) -> AudioLMConfig:
 
 def _curriculum_model(cur: Any, stage: Any, seen: tuple[str, ...]) -> tuple[AudioLMConfig, str]:
     """The model a curriculum stage trains, derived through the stages it starts from."""
-    from unimoe.moe.config import MoEConfig
-    from unimoe.training.curriculum import _checkpoint_of, _looks_like_path, compose_stage
+    from unimoe.model.config import moe_config
+    from unimoe.training.curriculum import compose_stage
+    from unimoe.training.curriculum.schema import checkpoint_of as _checkpoint_of, looks_like_path as _looks_like_path
 
     if stage.name in seen:
         raise PlanError(f"stage {stage.name!r}: init_from loops back to itself")
@@ -218,7 +193,7 @@ def _curriculum_model(cur: Any, stage: Any, seen: tuple[str, ...]) -> tuple[Audi
         else:
             dense, src = _checkpoint_config(_checkpoint_of(cur, str(first))), f"checkpoint {first}"
         try:
-            moe = MoEConfig(**spec["moe"])
+            moe = moe_config(spec["moe"], f"stage {stage.name!r}: upcycle.moe")
         except (TypeError, ValueError) as exc:
             raise PlanError(f"stage {stage.name!r}: upcycle.moe: {exc}") from exc
         return dense.replace(moe=moe, moe_layers=spec.get("moe_layers")), f"upcycle {stage.name!r} of {src}"
@@ -521,7 +496,7 @@ def plan_inputs(recipe: StageRecipe, *, gpus: Optional[int] = None, model: Any =
                 activation_checkpointing: Optional[bool] = None, max_tokens: Optional[int] = None,
                 active_experts: Optional[float] = None, videos: Optional[int] = None) -> tuple[PlanInputs, Any]:
     """Everything the estimate needs, and the meta-device model (for counts)."""
-    from unimoe.model.params import meta_model
+    from unimoe.model.transformer import meta_model
 
     config, source = resolve_model(recipe, model)
     try:
