@@ -85,10 +85,17 @@ class CheckpointMetadata:
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint file with an error that names it when it is missing or corrupt."""
+    """Load a checkpoint file - or a sharded checkpoint folder, assembled in memory - with an error naming it."""
+    from unimoe.sharded_checkpoint import ShardedCheckpointError, checkpoint_exists, is_sharded_checkpoint, read_sharded_checkpoint
+
     path = Path(path)
-    if not path.is_file():
+    if not checkpoint_exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    if is_sharded_checkpoint(path):
+        try:
+            return read_sharded_checkpoint(path)
+        except ShardedCheckpointError as exc:
+            raise CheckpointError(str(exc)) from exc
     try:
         return torch.load(str(path), map_location=map_location, weights_only=False)
     except Exception as exc:

@@ -66,3 +66,16 @@ def tiny_data(base: Path) -> Path:
                               progress=False)
         (root / "READY").write_text("ok")
     return root
+
+
+class LossRecorder(Callback):
+    """Global rank 0 appends ``{"step", "loss"}`` (this rank's ``train/loss``) to a JSON Lines file each step."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.is_global_zero:
+            loss = float(trainer.callback_metrics["train/loss"])
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": trainer.global_step, "loss": loss, "world": trainer.world_size}) + "\n")

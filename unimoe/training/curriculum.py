@@ -346,14 +346,19 @@ def _checkpoint_of(cur: Curriculum, ref: str) -> Path:
 
 # ---------------------------------------------------------------------- state
 def stage_status(cur: Curriculum, stage: Stage) -> str:
-    """``done`` / ``final`` (final checkpoint, marker missing) / ``resume`` / ``pending``."""
+    """``done`` / ``final`` (final checkpoint, marker missing) / ``resume`` / ``pending``.
+
+    A checkpoint is a file or a sharded folder (``MoEParallelStrategy``); both count.
+    """
+    from unimoe.sharded_checkpoint import checkpoint_exists
+
     d = stage.directory(cur.root)
     final = stage.final_checkpoint(cur.root)
-    if (d / DONE_MARKER).is_file() and final.is_file():
+    if (d / DONE_MARKER).is_file() and checkpoint_exists(final):
         return "done"
-    if final.is_file():
+    if checkpoint_exists(final):
         return "final"
-    if stage.kind == "fit" and (d / "checkpoints" / "last.ckpt").is_file():
+    if stage.kind == "fit" and checkpoint_exists(d / "checkpoints" / "last.ckpt"):
         return "resume"
     return "pending"
 
@@ -361,8 +366,13 @@ def stage_status(cur: Curriculum, stage: Stage) -> str:
 def _checkpoint_step(path: Path) -> Optional[int]:
     import torch
 
+    from unimoe.sharded_checkpoint import is_sharded_checkpoint, read_header
+
     try:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
+        if is_sharded_checkpoint(path):
+            ckpt = read_header(path)
+        else:
+            ckpt = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
     except Exception:  # noqa: BLE001 - unreadable counts as absent
         return None
     return int(ckpt.get("global_step", 0))
@@ -435,7 +445,7 @@ def check_launcher(cur: Curriculum, stage: Stage, cfg: dict[str, Any]) -> None:
     devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
     strategy = str(trainer.get("strategy", ""))
     multi = (isinstance(devices, int) and devices > 1) or (isinstance(devices, (list, str)) and str(devices) not in ("1", "auto", "[0]")) \
-        or (isinstance(nodes, int) and nodes > 1) or "ddp" in strategy or "fsdp" in strategy
+        or (isinstance(nodes, int) and nodes > 1) or "ddp" in strategy or "fsdp" in strategy or "Parallel" in strategy
     if multi and cur.launcher == "inprocess":
         raise RecipeError(
             f"stage {stage.name!r} trains on several processes (devices={devices}, num_nodes={nodes}, strategy={strategy!r}); "
@@ -575,7 +585,9 @@ class CurriculumRunner:
             gc.collect()
             if code != 0:
                 raise RuntimeError(f"`unimoe {' '.join(argv)}` failed (status {code})")
-        if not stage.final_checkpoint(self.cur.root).is_file():
+        from unimoe.sharded_checkpoint import checkpoint_exists
+
+        if not checkpoint_exists(stage.final_checkpoint(self.cur.root)):
             raise RuntimeError(f"training of {stage.name} ended without {FINAL_CHECKPOINT} (stopped early?)")
         return resumed
 
@@ -594,7 +606,9 @@ class CurriculumRunner:
         from unimoe.training.upcycle import upcycle_checkpoints
 
         spec = self._upcycle_options(stage)
-        missing = [p for p in spec["specialists"] if not Path(p).is_file()]
+        from unimoe.sharded_checkpoint import checkpoint_exists
+
+        missing = [p for p in spec["specialists"] if not checkpoint_exists(p)]
         if missing:
             raise RuntimeError(f"upcycle {stage.name}: specialist checkpoint(s) missing: {missing}")
         out = stage.final_checkpoint(self.cur.root)

@@ -280,13 +280,19 @@ def _check_experts_are_swiglu(model) -> None:
 # ---------------------------------------------------------------------- files
 def load_specialist(path: str | Path, name: Optional[str] = None) -> Specialist:
     """Read a specialist checkpoint (a stage ``.ckpt`` or a model checkpoint), memory-mapped."""
+    from unimoe.checkpoint import read_checkpoint
+    from unimoe.sharded_checkpoint import is_sharded_checkpoint
+
     path = Path(path)
-    if not path.is_file():
+    if is_sharded_checkpoint(path):  # a specialist trained under MoEParallelStrategy
+        checkpoint = read_checkpoint(path)
+    elif not path.is_file():
         raise CheckpointError(f"specialist checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read specialist checkpoint {path}: {exc}") from exc
+    else:
+        try:
+            checkpoint = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
+        except Exception as exc:
+            raise CheckpointError(f"cannot read specialist checkpoint {path}: {exc}") from exc
     metadata = read_metadata(checkpoint, path)
     state = model_state_dict(checkpoint)
     label = name or metadata.extra.get("label") or "+".join(metadata.extra.get("data_tasks") or []) or path.stem
