@@ -90,3 +90,18 @@ def all_null_layer(rank: int, world: int) -> bool:
     y = layer.dispatcher(x, selected, selected.float(), group_slots(layer.experts))
     dist.barrier()
     return bool((y == 0).all()) and layer.dispatcher.trace.sent_rows == 0
+
+
+def global_balance_loss(rank: int, world: int) -> dict:
+    """Each rank routes its own tokens; the balance loss uses every rank's counts (unimoe.training.balance)."""
+    from unimoe.training.balance import GlobalLoadBalance
+
+    torch.manual_seed(0)
+    layer = build_moe_layer(HIDDEN, moe_config(4))
+    xs, _ = global_inputs(world)
+    _, info = layer(xs[rank].unsqueeze(0))
+    balanced = GlobalLoadBalance()([info], step=0, world_size=world)
+    loss = balanced.routing[0].load_balance
+    loss.backward()
+    return {"value": float(loss.detach()), "local_value": float(info.load_balance.detach()),
+            "router_grad": layer.router.gate.weight.grad.clone(), "mean_active": float(balanced.mean_active_real)}

@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--routed", type=int, default=4)
     p.add_argument("--activation_checkpointing", action="store_true")
     p.add_argument("--clip", type=float, default=0.0)
+    p.add_argument("--save", default=None, help="save a checkpoint here after training")
+    p.add_argument("--resume", default=None, help="fit(ckpt_path=...) from this checkpoint")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     cfg = tiny_config(args.routed)
@@ -118,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         trainer = L.Trainer(devices=args.world, strategy=strategy, **trainer_args)
     else:
         trainer = L.Trainer(devices=1, **trainer_args)
-    trainer.fit(module, datamodule=SyntheticData(args.global_rows or ROWS * args.world, args.steps, cfg))
+    trainer.fit(module, datamodule=SyntheticData(args.global_rows or ROWS * args.world, args.steps, cfg),
+                ckpt_path=args.resume)
+    if args.save:
+        trainer.save_checkpoint(args.save)
     result = dict(module.record)
     if args.world > 1 or args.ep > 1:
         from unimoe.training.parallel import gather_full_state_dict
