@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import Shard, distribute_tensor
 
 from unimoe.moe import MoEConfig, build_moe_layer
 from unimoe.moe.dispatch import group_slots
-from unimoe.moe.expert_parallel import ExpertParallelDispatcher
+from unimoe.moe import expert_parallel
 
 HIDDEN, TOKENS = 16, 24
 
@@ -28,11 +27,7 @@ def global_inputs(world: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def shard_experts(layer, ep_mesh) -> None:
     """Split the routed experts over the EP mesh (what unimoe.training.parallel does per layer)."""
-    group = layer.experts[0]
-    for name, p in list(group.named_parameters()):
-        setattr(group, name, torch.nn.Parameter(distribute_tensor(p.data, ep_mesh, [Shard(0)], src_data_rank=None)))
-    layer.dispatcher = ExpertParallelDispatcher(ep_mesh.get_group())
-    layer.dispatcher.trace.record_tokens = True
+    expert_parallel.shard_experts(layer, ep_mesh).trace.record_tokens = True
 
 
 def layer_forward_backward(rank: int, world: int, routed: int) -> dict:

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from unimoe.moe.dispatch import GroupSlot, _compute_columns, gather_rows, scatter_add_rows
+from unimoe.moe.dispatch import GroupSlot, _compute_columns, gather_rows, group_slots, scatter_add_rows
 from unimoe.moe.experts import local_experts  # noqa: F401  (re-exported: the EP contract of expert groups)
 
 
@@ -63,6 +63,27 @@ def check_expert_parallel(slots: Sequence[GroupSlot], ep_size: int, where: str =
                 f"{where}: {name} has {group.num_experts} experts, not divisible by expert_parallel_size={ep_size} "
                 f"(MoEConfig.num_routed_experts / extra_experts num_experts must be a multiple of it)"
             )
+
+
+def shard_experts(layer, ep_mesh) -> "ExpertParallelDispatcher":
+    """Split ``layer``'s token-taking expert groups over the 1-D EP mesh and install the EP dispatcher.
+
+    Each stacked parameter becomes a DTensor sharded on dim 0 (this rank keeps its slice, no
+    communication: every rank holds the same full weights beforehand). Returns the dispatcher.
+    """
+    from torch import nn
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    ep = ep_mesh.size()
+    check_expert_parallel(group_slots(layer.experts), ep)
+    for group in layer.experts:
+        if not group.takes_tokens:
+            continue
+        for name, param in list(group.named_parameters(recurse=False)):
+            shard = distribute_tensor(param.detach(), ep_mesh, [Shard(0)], src_data_rank=None)
+            setattr(group, name, nn.Parameter(shard, requires_grad=param.requires_grad))
+    layer.dispatcher = ExpertParallelDispatcher(ep_mesh.get_group())
+    return layer.dispatcher
 
 
 @dataclass
@@ -198,7 +219,10 @@ def _all_to_all(rows: Tensor, output_splits: list[int], input_splits: list[int],
     from torch.distributed._functional_collectives import AsyncCollectiveTensor, all_to_all_single_autograd
 
     out = all_to_all_single_autograd(rows.contiguous(), output_splits, input_splits, group)
-    return out.wait() if isinstance(out, AsyncCollectiveTensor) else out
+    if isinstance(out, AsyncCollectiveTensor):  # complete the exchange here; the wrapper keeps the autograd graph
+        with torch.no_grad():
+            torch.ops._c10d_functional.wait_tensor(out.elem)
+    return out
 
 
 class _Clock:

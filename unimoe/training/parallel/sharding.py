@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from unimoe.moe.dispatch import group_slots
-from unimoe.moe.expert_parallel import ExpertParallelDispatcher, ExpertParallelError, check_expert_parallel
+from unimoe.moe.expert_parallel import ExpertParallelError, check_expert_parallel, shard_experts
 from unimoe.training.parallel.mesh import DATA_PARALLEL, EXPERT_PARALLEL, SHARDED, MeshError
 
 if TYPE_CHECKING:
@@ -114,15 +114,14 @@ def parallelize_audiolm(model: "AudioLM", mesh: Any, settings: ParallelSettings)
         if block.is_moe:
             layer = block.ffn
             if ep > 1:
+                shard_experts(layer, mesh[EXPERT_PARALLEL])  # DTensor Shard(0) over EP + the EP dispatcher
                 for group in layer.experts:
                     if not group.takes_tokens:
                         continue
-                    _split_experts(group, mesh[EXPERT_PARALLEL])
                     fully_shard(group, mesh=mesh[DATA_PARALLEL], mp_policy=compute, reshard_after_forward=reshard)
                     # the local gradient already sums all EP peers' tokens: average over every rank
                     group.set_gradient_divide_factor(float(world))
                     group.set_force_sum_reduction_for_comms(True)
-                layer.dispatcher = ExpertParallelDispatcher(mesh[EXPERT_PARALLEL].get_group())
             # a RouterOutput is not a tensor FSDP can hook for backward: keep the tiny gate gathered
             fully_shard(layer.router, mesh=everyone, mp_policy=fp32, reshard_after_forward=False)
         fully_shard(block, mesh=everyone, mp_policy=compute, reshard_after_forward=reshard)
@@ -139,15 +138,6 @@ def parallelize_audiolm(model: "AudioLM", mesh: Any, settings: ParallelSettings)
     register_fsdp_forward_method(model, "step")  # incremental decoding on the sharded model
     if settings.activation_checkpointing:
         model.gradient_checkpointing = True
-
-
-def _split_experts(group: nn.Module, ep_mesh: Any) -> None:
-    """Stacked expert weights -> DTensors sharded on dim 0 over the EP ranks (each keeps its slice)."""
-    from torch.distributed.tensor import Shard, distribute_tensor
-
-    for name, param in list(group.named_parameters(recurse=False)):
-        shard = distribute_tensor(param.detach(), ep_mesh, [Shard(0)], src_data_rank=None)
-        setattr(group, name, nn.Parameter(shard, requires_grad=param.requires_grad))
 
 
 def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
