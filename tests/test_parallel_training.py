@@ -35,11 +35,12 @@ def fit(out: Path, world: int, ep: int = 1, steps: int = 3, *extra: str) -> list
 def references(tmp_path_factory):
     """Single-process runs on the global batches of 2 and of 4 ranks (2 rows per rank)."""
     base = tmp_path_factory.mktemp("reference")
-    return {world: fit(base / f"world{world}", 1, 1, 3, "--global_rows", str(2 * world))[0] for world in (2, 4)}
+    return {2: fit(base / "world2", 1, 1, 3, "--global_rows", "4", "--accumulate", "2")[0],  # 2 micro-batches / step
+            4: fit(base / "world4", 1, 1, 3, "--global_rows", "8")[0]}
 
 
 def assert_same_training(ranks: list[dict], ref: dict, check_routing: bool = True) -> None:
-    steps = len(ref["loss"])
+    steps = len(ref["loss"])  # micro-batches
     world = len(ranks)
     mean_loss = [sum(r["loss"][s] for r in ranks) / world for s in range(steps)]
     torch.testing.assert_close(torch.tensor(mean_loss), torch.tensor(ref["loss"]), rtol=1e-5, atol=1e-6)
@@ -52,11 +53,22 @@ def assert_same_training(ranks: list[dict], ref: dict, check_routing: bool = Tru
     if check_routing:  # every token reached the same experts, at every step and layer
         for i, expected in enumerate(ref["selected"]):
             got = torch.cat([r["selected"][i] for r in ranks])
-            assert torch.equal(got, expected), f"routing differs at step {i // NUM_LAYERS}, layer {i % NUM_LAYERS}"
+            assert torch.equal(got, expected), f"routing differs at micro-batch {i // NUM_LAYERS}, layer {i % NUM_LAYERS}"
 
 
-def test_expert_parallel_2_ranks_equals_single_process(tmp_path, references):
-    ranks = fit(tmp_path / "ep2", 2, 2)
+def test_bf16_mixed_precision_keeps_the_router_fp32(tmp_path, references):
+    ranks = fit(tmp_path / "bf16", 2, 1, 3, "--mixed_precision", "bf16", "--global_rows", "8")
+    for r in ranks:
+        assert r["dtypes"] == {("router", torch.float32), ("attention", torch.bfloat16)}
+        assert all(torch.isfinite(torch.tensor(r["loss"])))
+    mean_loss = [sum(r["loss"][s] for r in ranks) / 2 for s in range(3)]
+    torch.testing.assert_close(torch.tensor(mean_loss), torch.tensor(references[4]["loss"]), rtol=2e-2, atol=0)
+    assert all(v.dtype == torch.float32 for v in ranks[0]["params"].values())  # fp32 master weights
+
+
+def test_expert_parallel_2_ranks_with_accumulation_equals_single_process(tmp_path, references):
+    ranks = fit(tmp_path / "ep2", 2, 2, 3, "--accumulate", "2")
+    assert len(ranks[0]["loss"]) == 6  # 3 optimizer steps of 2 micro-batches
     assert_same_training(ranks, references[2])
     assert ranks[0]["loss"] != ranks[1]["loss"]  # the ranks really trained on different rows
 

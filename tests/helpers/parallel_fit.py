@@ -5,7 +5,7 @@ Run as a script (Lightning relaunches it once per rank under MoEParallelStrategy
     python parallel_fit.py --out DIR --world 4 --ep 2 --steps 3     # FSDP x EP on 4 CPU processes
     python parallel_fit.py --out DIR --world 1 --global_rows 8       # the single-process reference
 
-Step ``s`` has one global batch of ``world x rows`` sequences (all the same length, so every
+Micro-batch ``s`` has one global batch of ``world x rows`` sequences (all the same length, so every
 rank holds the same number of targets and the mean of the ranks' losses is the global loss);
 rank ``r`` trains on rows ``[r*rows, (r+1)*rows)``, the reference on all of them. Each rank
 writes ``rank<r>.pt``: per-step losses, global load-balance values and router selections;
@@ -74,13 +74,18 @@ class RecordingJoint(JointStage):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.record = {"loss": [], "load_balance": [], "selected": []}
+        self.record = {"loss": [], "load_balance": [], "selected": [], "dtypes": set()}
         for block in self.model.blocks:
             block.ffn.router.register_forward_hook(self._on_route)
+            block.attn.register_forward_hook(self._on_attention)
 
     def _on_route(self, module, args, output) -> None:
         if self.training:
             self.record["selected"].append(output.selected.detach().clone())
+            self.record["dtypes"].add(("router", module.gate.weight.dtype))
+
+    def _on_attention(self, module, args, output) -> None:
+        self.record["dtypes"].add(("attention", module.q_proj.weight.dtype))
 
     def balanced_routing(self, routing, step):
         balanced = super().balanced_routing(routing, step)
@@ -103,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--routed", type=int, default=4)
     p.add_argument("--activation_checkpointing", action="store_true")
     p.add_argument("--clip", type=float, default=0.0)
+    p.add_argument("--accumulate", type=int, default=1, help="trainer.accumulate_grad_batches")
+    p.add_argument("--mixed_precision", default="fp32")
     p.add_argument("--save", default=None, help="save a checkpoint here after training")
     p.add_argument("--resume", default=None, help="fit(ckpt_path=...) from this checkpoint")
     args = p.parse_args(argv)
@@ -111,16 +118,17 @@ def main(argv: list[str] | None = None) -> int:
     module = RecordingJoint(model=cfg, optimizer={"lr": 3e-3, "warmup_steps": 1, "weight_decay": 0.1}, seed=0)
     trainer_args = dict(accelerator="cpu", max_steps=args.steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-                        num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=args.clip or None)
+                        num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=args.clip or None,
+                        accumulate_grad_batches=args.accumulate)
     if args.world > 1 or args.ep > 1:
         from unimoe.training.parallel import MoEParallelStrategy
 
-        strategy = MoEParallelStrategy(expert_parallel_size=args.ep, mixed_precision="fp32",
+        strategy = MoEParallelStrategy(expert_parallel_size=args.ep, mixed_precision=args.mixed_precision,
                                        activation_checkpointing=args.activation_checkpointing)
         trainer = L.Trainer(devices=args.world, strategy=strategy, **trainer_args)
     else:
         trainer = L.Trainer(devices=1, **trainer_args)
-    trainer.fit(module, datamodule=SyntheticData(args.global_rows or ROWS * args.world, args.steps, cfg),
+    trainer.fit(module, datamodule=SyntheticData(args.global_rows or ROWS * args.world, args.steps * args.accumulate, cfg),
                 ckpt_path=args.resume)
     if args.save:
         trainer.save_checkpoint(args.save)
