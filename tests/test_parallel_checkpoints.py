@@ -76,14 +76,17 @@ def test_consolidated_checkpoint_generates(ep2_run):
     proc = unimoe("checkpoint", "consolidate", str(final), "--out", str(work / "joint.ckpt"), cwd=work)
     assert proc.returncode == 0, proc.stderr
     assert unimoe("checkpoint", "consolidate", str(final), "--out", str(work / "joint.ckpt"), cwd=work).returncode == 2
+    proc = unimoe("export", str(final), str(work / "joint-model"), cwd=work)  # the pickle-free model folder
+    assert proc.returncode == 0, proc.stderr[-2000:]
     from_file, meta = load_model(work / "joint.ckpt")
     from_folder, _ = load_model(final)  # generation, evaluation, upcycle and init_from read folders too
+    exported, _ = load_model(work / "joint-model")
     next_stage = JointStage(init_from=str(final))  # init_from straight from the sharded folder
     assert meta.stage == "joint" and meta.config.moe.num_routed_experts == 4
     assert next_stage.lineage["init_from"]["stage"] == "joint"
     for (name, a), (_, b), (_, c) in zip(from_file.state_dict().items(), from_folder.state_dict().items(),
                                          next_stage.model.state_dict().items()):
-        assert torch.equal(a, b) and torch.equal(a, c), name
+        assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, exported.state_dict()[name]), name
     proc = unimoe("generate", "--ckpt", str(work / "joint.ckpt"), "--task", "t2m", "--text", "calm piano",
                   "--max-seconds", "1", "--out", str(work / "gen"), cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]

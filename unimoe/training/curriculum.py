@@ -364,15 +364,11 @@ def stage_status(cur: Curriculum, stage: Stage) -> str:
 
 
 def _checkpoint_step(path: Path) -> Optional[int]:
-    import torch
-
+    from unimoe.checkpoint import read_checkpoint
     from unimoe.sharded_checkpoint import is_sharded_checkpoint, read_header
 
     try:
-        if is_sharded_checkpoint(path):
-            ckpt = read_header(path)
-        else:
-            ckpt = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
+        ckpt = read_header(path) if is_sharded_checkpoint(path) else read_checkpoint(path)  # weights_only
     except Exception:  # noqa: BLE001 - unreadable counts as absent
         return None
     return int(ckpt.get("global_step", 0))
@@ -620,9 +616,9 @@ class CurriculumRunner:
     def _mark_done(self, stage: Stage, seconds: Optional[float], resumed_from: Optional[dict]) -> dict[str, Any]:
         d = stage.directory(self.cur.root)
         final = stage.final_checkpoint(self.cur.root)
-        from unimoe.checkpoint import read_checkpoint, read_metadata
+        from unimoe.checkpoint import open_model_file
 
-        meta = read_metadata(read_checkpoint(final), final)  # a finished stage must hold a readable checkpoint
+        meta = open_model_file(final).metadata  # a finished stage must hold a readable model
         record: dict[str, Any] = {"stage": stage.name, "kind": stage.kind, "final_checkpoint": str(final),
                                   "model_stage": meta.stage, "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
                                   "seconds": None if seconds is None else round(seconds, 1),
