@@ -123,7 +123,9 @@ def test_a_sharded_checkpoint_of_another_layout_is_refused_on_every_rank(tmp_pat
 @pytest.mark.slow
 def test_a_killed_rank_resumes_through_the_curriculum(tmp_path, data):
     marker = tmp_path / "killed.json"
-    stage = parallel_stage(data, tmp_path / "unused", world=2, ep=2, steps=6, callbacks=[
+    stage = parallel_stage(data, tmp_path / "unused", world=2, ep=2, steps=6, validate=True, callbacks=[
+        {"class_path": "ExpertLoadMonitor", "init_args": {"log_every_n_steps": 2}},
+        {"class_path": "AudioSamples", "init_args": {"per_task": 1, "settings": {"max_seconds": 0.5}}},
         {"class_path": "training_helpers.KillOnce", "init_args": {"at_step": 3, "marker": str(marker), "rank": 1}}])
     trainer = {k: v for k, v in stage["trainer"].items() if k not in ("default_root_dir", "callbacks")}
     trainer["callbacks"] = stage["trainer"]["callbacks"][1:]  # the curriculum adds its own ModelCheckpoint
@@ -143,3 +145,15 @@ def test_a_killed_rank_resumes_through_the_curriculum(tmp_path, data):
     assert done["global_step"] == 6 and done["resumed_from"]["step"] == saved_step
     model, meta = load_model(tmp_path / "runs" / "joint" / "final.ckpt")
     assert meta.stage == "joint" and all(torch.isfinite(p).all() for p in model.parameters())
+    run = tmp_path / "runs" / "joint"
+    # under the strategy, validation ran on both ranks, routing counts were summed over them, and rank 0
+    # generated samples from a gathered copy of the sharded weights
+    routing = json.loads((run / "plots" / "routing_val_step0000006.json").read_text())
+    from unimoe.data.datamodule import UniMoEDataModule
+    from unimoe.model.config import AudioLMConfig
+
+    dm = UniMoEDataModule(**{**stage["data"]["init_args"], "model": AudioLMConfig(**stage["data"]["init_args"]["model"])})
+    dm.setup("validate")
+    real_tokens = sum(int(b.attention_mask.sum()) for b in dm.val_dataloader())
+    assert routing["num_tokens"] == [real_tokens] * 2  # both ranks' shares of the split, each layer
+    assert len(list((run / "samples" / "step0000006").glob("*.wav"))) == 3  # one per task

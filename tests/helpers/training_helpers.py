@@ -89,7 +89,7 @@ TINY_MOE = {"num_routed_experts": 4, "routed_intermediate_size": 64, "num_null_e
 
 
 def parallel_stage(data: Path, root: Path, world: int, ep: int, steps: int, *, every: int = 2, moe: dict | None = None,
-                   callbacks: list | None = None) -> dict:
+                   callbacks: list | None = None, validate: bool = False) -> dict:
     """A JointStage fit config on the tiny shards under MoEParallelStrategy (fp32, CPU ranks).
 
     No condition drop, so a resumed step sees exactly the uninterrupted run's batch. Keeps every
@@ -105,12 +105,13 @@ def parallel_stage(data: Path, root: Path, world: int, ep: int, steps: int, *, e
             "optimizer": {"lr": 3e-3, "warmup_steps": 1}}},
         "data": {"class_path": "unimoe.data.datamodule.UniMoEDataModule", "init_args": {
             "sources": {t: str(data / "shards" / t) for t in ("tts", "t2m", "v2m")}, "model": TINY_MODEL,
-            "max_tokens": 2048, "samples_per_epoch": 96, "val_split": None, "test_split": None,
+            "max_tokens": 2048, "samples_per_epoch": 96, "val_split": "val" if validate else None, "test_split": None,
             # the CFG condition drop draws from a per-process random stream that restarts with the process, so
             # a resumed run would drop other conditions than the uninterrupted one 
             "cond_drop_prob": 0.0}},
         "trainer": {"accelerator": "cpu", "devices": world, "strategy": strategy, "use_distributed_sampler": False,
                     "max_steps": steps, "logger": False, "enable_progress_bar": False, "num_sanity_val_steps": 0,
+                    **({"val_check_interval": every, "check_val_every_n_epoch": None} if validate else {}),
                     "default_root_dir": str(root), "log_every_n_steps": 1, "gradient_clip_val": 1.0,
                     "callbacks": [
                         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",

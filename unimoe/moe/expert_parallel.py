@@ -144,7 +144,7 @@ class ExpertParallelDispatcher:
         with clock:
             received = _all_to_all(rows, recv_splits, send_splits, self.group)  # [M, D] by (source, expert)
 
-        perm = _source_to_expert_major(recv_matrix)  # [M]
+        perm = _source_to_expert_major(recv_matrix, sum(recv_splits))  # [M]
         expert_rows = gather_rows(received, perm)  # [M, D] by (local expert, source)
         local_counts = recv_matrix.sum(0)  # [e_local]
         out_rows = _run_groups(compute, expert_rows, local_counts, local_per_group)
@@ -181,17 +181,16 @@ def _destination_order(compute: Sequence[GroupSlot], ep: int, device: torch.devi
     return torch.tensor(columns, dtype=torch.long, device=device)
 
 
-def _source_to_expert_major(counts: Tensor) -> Tensor:
+def _source_to_expert_major(counts: Tensor, total: int) -> Tensor:
     """Row permutation from blocks ordered (source, expert) to (expert, source).
 
     counts [S, E]: rows from source s for local expert e, laid out source-major. Returns
-    ``perm`` [M] with ``expert_major_rows = rows[perm]``.
+    ``perm`` [M] with ``expert_major_rows = rows[perm]``; ``total`` = M (known on the host already).
     """
     flat = counts.reshape(-1)
     starts = torch.cumsum(flat, 0) - flat  # [S * E] first row of each (s, e) block
     target_counts = counts.t().reshape(-1)  # blocks visited in (e, s) order
     target_starts = starts.view_as(counts).t().reshape(-1)
-    total = int(flat.sum()) if flat.numel() else 0
     block_of_row = torch.repeat_interleave(torch.arange(target_counts.numel(), device=counts.device), target_counts,
                                            output_size=total)
     first_out = torch.cumsum(target_counts, 0) - target_counts  # where each block starts in the output

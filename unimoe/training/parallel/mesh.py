@@ -70,8 +70,3 @@ class MeshLayout:
         mesh[(DATA_PARALLEL, EXPERT_PARALLEL)]._flatten(SHARDED)  # registers mesh[SHARDED]
         return mesh
 
-
-def sharded_mesh(mesh):
-    """The 1-D mesh of all ranks that non-expert parameters are sharded over."""
-    return mesh[SHARDED]
-

@@ -55,7 +55,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 
 from unimoe.sharded_checkpoint import check_fits, is_sharded_checkpoint, staging_path, swap_in
-from unimoe.training.parallel.mesh import EXPERT_PARALLEL, MeshError, MeshLayout
+from unimoe.training.parallel.mesh import MeshError, MeshLayout
 from unimoe.training.parallel.sharding import MixedPrecision, ParallelSettings, check_model_layout, parallelize_audiolm
 
 
@@ -131,10 +131,6 @@ class MoEParallelStrategy(ModelParallelStrategy):
     def parallelize_audiolm(self, model) -> None:
         """What the stage modules' ``configure_model`` calls: FSDP2 per block + EP (idempotent)."""
         parallelize_audiolm(model, self.device_mesh, self.settings)
-
-    @property
-    def expert_parallel_group(self):
-        return self.device_mesh[EXPERT_PARALLEL].get_group()
 
     def clip_grad_norm_(self, parameters, max_norm: float) -> torch.Tensor:
         """Global-norm clipping across the flat and the data x expert meshes (used by the stages)."""
