@@ -339,7 +339,9 @@ SCORERS: Registry = Registry("eval_scorers", "evaluation metric")
 STAGES: Registry = Registry("stages", "training stage")
 DATA_MODULES: Registry = Registry("data_modules", "data module")
 CALLBACKS: Registry = Registry("callbacks", "training callback")
-LIGHTNING_REGISTRIES: tuple[Registry, ...] = (STAGES, DATA_MODULES, CALLBACKS)
+STRATEGIES: Registry = Registry("strategies", "training strategy")
+"""Lightning strategies unimoe adds (``strategy: {class_path: MoEParallelStrategy, ...}``)."""
+LIGHTNING_REGISTRIES: tuple[Registry, ...] = (STAGES, DATA_MODULES, CALLBACKS, STRATEGIES)
 """Classes recipes name by their short class name (``class_path: JointStage``); LightningCLI
 resolves those among imported classes, so the CLI imports these groups before it parses
 (entry-point name = class name)."""
@@ -356,6 +358,6 @@ def load_all_plugins() -> None:
 
 
 def load_lightning_classes() -> None:
-    """Import the stages, data modules and callbacks (in-tree and plug-in) so YAML can name them by class name."""
+    """Import the stages, data modules, callbacks and strategies (in-tree and plug-in) so YAML can name them by class name."""
     for registry in LIGHTNING_REGISTRIES:
         registry.load_entry_points()

@@ -221,6 +221,7 @@ class AudioLM(nn.Module):
         self.audio_head = nn.Linear(D, C * V, bias=False)
         self.text_head = nn.Linear(D, self.text_vocab_size, bias=False) if cfg.text_head else None
         self.gradient_checkpointing = cfg.gradient_checkpointing
+        self.vision_every_batch = False  # set by unimoe.training.parallel: run the encoder on every rank, every batch
         self._init_own_weights()
 
     def _init_own_weights(self) -> None:
@@ -267,6 +268,12 @@ class AudioLM(nn.Module):
                     f"batch has {n_slots} vision positions but the encoder produced {tokens.shape[0]} x {tokens.shape[1]} tokens"
                 )
             x = x.masked_scatter(is_vision.unsqueeze(-1), tokens.to(x.dtype))
+        elif self.vision is not None and self.vision_every_batch:
+            # Sharded training: the encoder's weights are gathered and its gradients reduced by
+            # collectives every rank must join, so a batch without video runs one blank clip, weighted 0.
+            frames, (h, w) = self.vision.input_frames, self.vision.input_size
+            blank = x.new_zeros(1, frames, 3, h, w, dtype=torch.float32)
+            x = x + 0.0 * self.vision(blank).sum().to(x.dtype)
         return x
 
     def new_cache(

@@ -65,8 +65,11 @@ class UniMoECLI(LightningCLI):
             return
         cfg = self.config[subcommand]
         ckpt_path = cfg.get("ckpt_path")
-        if not ckpt_path or not Path(ckpt_path).is_file():
+        from unimoe.sharded_checkpoint import ShardedCheckpointError, checkpoint_exists, is_sharded_checkpoint, read_header
+
+        if not ckpt_path or not checkpoint_exists(ckpt_path):
             return
+        sharded = is_sharded_checkpoint(ckpt_path)
         model = cfg.get("model")
         init_args = model.get("init_args") if model is not None and hasattr(model, "get") else None
         if init_args is not None and init_args.get("init_from") is not None:
@@ -76,11 +79,18 @@ class UniMoECLI(LightningCLI):
                 "stage from another stage's weights at step 0. Drop init_from to resume "
                 "(--model.init_args.init_from=null), or drop --ckpt_path to start over from init_from."
             )
+        if sharded and not _is_model_parallel(cfg.get("trainer")):
+            raise ConfigError(
+                f"--ckpt_path {ckpt_path} is a sharded checkpoint (a folder written by MoEParallelStrategy); resume it "
+                "with trainer.strategy unimoe.training.parallel.MoEParallelStrategy (any world size or "
+                "expert_parallel_size, 1 device included). For its weights alone use init_from, or `unimoe "
+                "checkpoint consolidate` it into one file."
+            )
         from unimoe.checkpoint import CheckpointError, read_checkpoint
 
-        try:  # weights_only, as Lightning's own resume loads it (torch's default since 2.6)
-            checkpoint = read_checkpoint(ckpt_path)
-        except CheckpointError as exc:
+        try:  # weights_only, as Lightning's own resume loads it (torch's default since 2.6); a folder: meta.pt only
+            checkpoint = read_header(ckpt_path) if sharded else read_checkpoint(ckpt_path)
+        except (CheckpointError, ShardedCheckpointError) as exc:
             raise ConfigError(f"--ckpt_path: {exc}") from exc
         hparams = dict(checkpoint.get("hyper_parameters") or {})
         saved_class = hparams.get("_class_path")
@@ -92,13 +102,30 @@ class UniMoECLI(LightningCLI):
                 f"to start a {_short(wanted)} from it use --model.init_args.init_from {ckpt_path} instead."
             )
         del checkpoint
-        super()._parse_ckpt_path()
+        if sharded:
+            self._restore_hparams(hparams)  # LightningCLI's own restore reads single files only
+        else:
+            super()._parse_ckpt_path()
         restored = self.config[subcommand].get("model")
         if restored is not None and hasattr(restored, "get"):
             for group in ("init_args", "dict_kwargs"):
                 args = restored.get(group)
                 if args is not None and hasattr(args, "get") and args.get("init_from") is not None:
                     args["init_from"] = None  # resumed weights come from ckpt_path, not from init_from
+
+    def _restore_hparams(self, hparams: dict[str, Any]) -> None:
+        """What ``LightningCLI._parse_ckpt_path`` does with a file's hyper-parameters, for a sharded folder."""
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        subcommand = self.config.subcommand
+        try:
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
+            raise
 
     def before_instantiate_classes(self) -> None:
         """Open ``init_from`` before the module is built, so a bad file is one clear line.
@@ -148,6 +175,26 @@ class UniMoECLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+def _is_model_parallel(trainer_cfg: Any) -> bool:
+    """Whether the config's ``trainer.strategy`` is a ModelParallelStrategy (which reads sharded folders)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = trainer_cfg.get("strategy") if trainer_cfg is not None and hasattr(trainer_cfg, "get") else None
+    if isinstance(strategy, ModelParallelStrategy):
+        return True
+    class_path = strategy.get("class_path") if hasattr(strategy, "get") else None
+    if not class_path:
+        return False
+    import importlib
+
+    module, _, name = str(class_path).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError):
+        return "Parallel" in str(class_path)
+    return isinstance(cls, type) and issubclass(cls, ModelParallelStrategy)
+
+
 def _short(class_path: str) -> str:
     return class_path.rsplit(".", 1)[-1]
 
@@ -162,11 +209,11 @@ def build_cli(
     args: list[str] | None = None, run: bool = True, cli_class: type[UniMoECLI] | None = None,
     parser_kwargs: dict[str, Any] | None = None,
 ) -> UniMoECLI:
-    """Construct the CLI (parsing ``args``); stages, data modules and callbacks are imported first.
+    """Construct the CLI (parsing ``args``); stages, data modules, callbacks and strategies are imported first.
 
     LightningCLI resolves a short ``class_path`` (``JointStage``) among imported subclasses,
     so every class declared in the ``unimoe.stages`` / ``unimoe.data_modules`` /
-    ``unimoe.callbacks`` entry points (in-tree and plug-ins alike) is imported before parsing.
+    ``unimoe.callbacks`` / ``unimoe.strategies`` entry points (in-tree and plug-ins alike) is imported before parsing.
     Other components (routers, codecs...) are resolved by the registry when they are built.
     """
     from unimoe.registry import load_lightning_classes

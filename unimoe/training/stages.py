@@ -37,6 +37,7 @@ from unimoe.model.transformer import AudioLM
 from unimoe.moe.losses import AuxLossSchedule
 from unimoe.moe.stats import RoutingInfo, mean_over_layers
 from unimoe.registry import ComponentField, ComponentSpec, plain_spec
+from unimoe.training.balance import GlobalLoadBalance
 from unimoe.training.init_from import InitFrom, InitReport, load_initial_weights, read_init_checkpoint
 from unimoe.training.metrics import TaskLossAccumulator
 from unimoe.training.optim import OptimizerConfig, build_optimizer
@@ -132,6 +133,7 @@ class StageModule(L.LightningModule):
         _plain_hparams(self.hparams)
         self.step_stats: StepStats | None = None
         self._eval_losses = TaskLossAccumulator(config.num_codebooks, self.task_ids)
+        self._balance = GlobalLoadBalance()
         self.metadata().to_dict()  # plain JSON or a clear error now, not at the first checkpoint save
 
     # ------------------------------------------------------------------ configuration checks
@@ -208,13 +210,35 @@ class StageModule(L.LightningModule):
         except CodecMismatchError as exc:
             raise ValueError(f"{type(self).__name__}.codec {self.codec_spec!r} is not the codec of the shards: {exc}") from exc
 
+    def configure_model(self) -> None:
+        """Shard the AudioLM under ``MoEParallelStrategy`` (FSDP2 per block, experts over EP); else nothing."""
+        if self._trainer is None:
+            return
+        strategy = self.trainer.strategy
+        parallelize = getattr(strategy, "parallelize_audiolm", None)
+        if parallelize is not None:
+            parallelize(self.model)
+        elif isinstance(strategy, L.pytorch.strategies.ModelParallelStrategy):
+            raise TypeError(f"{type(self).__name__} is sharded by unimoe.training.parallel.MoEParallelStrategy (a "
+                            "ModelParallelStrategy with an expert-parallel dim); use it instead of ModelParallelStrategy")
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip = getattr(self.trainer.strategy, "clip_grad_norm_", None)
+        if clip is None or not gradient_clip_val:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError(f"gradient_clip_algorithm={gradient_clip_algorithm!r} is not supported under "
+                             f"{type(self.trainer.strategy).__name__}; use 'norm'")
+        clip([p for group in optimizer.param_groups for p in group["params"]], float(gradient_clip_val))
+
     def forward(self, batch: Batch):
         return self.model(batch, logits="none")
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         out = self.model(batch, logits="none")
         step = self.trainer.global_step if self._trainer is not None else 0
-        aux, weight = self.aux_loss(out.routing, step)
+        balanced = self.balanced_routing(out.routing, step)
+        aux, weight = self.aux_loss(balanced.routing, step)
         loss = out.loss + aux
         size = int(batch.lengths.shape[0])
         self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=size)
@@ -222,16 +246,22 @@ class StageModule(L.LightningModule):
         for task_id, value in out.task_losses.items():
             self.log(f"train/loss/{self.task_ids.name(task_id)}", value.detach(), batch_size=size)
         if self.config.moe is not None:
-            means = mean_over_layers(out.routing)
+            means = mean_over_layers(balanced.routing)  # global batch (all ranks, accumulated micro-batches)
             self.log("train/aux_loss", aux.detach(), batch_size=size)
             self.log("train/aux_weight", weight, batch_size=size)
             self.log("train/load_balance", means.load_balance.detach(), batch_size=size)
-            self.log("train/active_experts", means.mean_active_real, prog_bar=True, batch_size=size)
+            self.log("train/active_experts", balanced.mean_active_real, prog_bar=True, batch_size=size)
         if self._trainer is not None and self.trainer.lr_scheduler_configs:
             self.log("train/lr", self.trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0], batch_size=size)
         self.tasks_seen[batch.task_ids[:, 0].unique()] = True
         self.step_stats = StepStats([_detach(i) for i in out.routing], float(aux.detach()), weight, train=True)
         return loss
+
+    def balanced_routing(self, routing: list[RoutingInfo | None], step: int):
+        """The routing with global-batch load-balance losses (:mod:`unimoe.training.balance`)."""
+        trainer = self._trainer
+        return self._balance(routing, step=step, accumulate=trainer.accumulate_grad_batches if trainer else 1,
+                             world_size=trainer.world_size if trainer else 1)
 
     def aux_loss(self, routing: list[RoutingInfo | None], step: int) -> tuple[Tensor, float]:
         """Weighted MoE aux loss at global ``step`` and the load-balance weight used (0 for dense).

@@ -132,7 +132,7 @@ def check_launcher(cur: Curriculum, stage: Stage, cfg: dict[str, Any]) -> None:
     devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
     strategy = str(trainer.get("strategy", ""))
     multi = (isinstance(devices, int) and devices > 1) or (isinstance(devices, (list, str)) and str(devices) not in ("1", "auto", "[0]")) \
-        or (isinstance(nodes, int) and nodes > 1) or "ddp" in strategy or "fsdp" in strategy
+        or (isinstance(nodes, int) and nodes > 1) or "ddp" in strategy or "fsdp" in strategy or "Parallel" in strategy
     if multi and cur.launcher == "inprocess":
         raise RecipeError(
             f"stage {stage.name!r} trains on several processes (devices={devices}, num_nodes={nodes}, strategy={strategy!r}); "

@@ -21,12 +21,14 @@ from typing import Any, Optional
 import yaml
 
 from unimoe.atomic import write_text_atomic
+from unimoe.sharded_checkpoint import checkpoint_exists
 from unimoe.training.callbacks.finalize import DONE_MARKER, FINAL_CHECKPOINT, FINAL_METRICS, write_status_json
 from unimoe.training.curriculum.compose import (
     check_data_paths, check_launcher, compose_stage, upcycle_options, validate_stage_config,
 )
 from unimoe.training.curriculum.report import duration, loss_text, print_plan, print_summary, short_class, stage_steps
 from unimoe.training.curriculum.schema import Curriculum, Stage
+
 from unimoe.training.recipe_vars import RecipeError
 
 STATUS_FILE = "curriculum.json"
@@ -37,21 +39,23 @@ def stage_status(cur: Curriculum, stage: Stage) -> str:
     """``done`` / ``final`` (final checkpoint, marker missing) / ``resume`` / ``pending``."""
     d = stage.directory(cur.root)
     final = stage.final_checkpoint(cur.root)
-    if (d / DONE_MARKER).is_file() and final.is_file():
+    if (d / DONE_MARKER).is_file() and checkpoint_exists(final):
         return "done"
-    if final.is_file():
+    if checkpoint_exists(final):
         return "final"
-    if stage.kind == "fit" and (d / "checkpoints" / "last.ckpt").is_file():
+    if stage.kind == "fit" and checkpoint_exists(d / "checkpoints" / "last.ckpt"):
         return "resume"
     return "pending"
 
 
 def _checkpoint_step(path: Path) -> Optional[int]:
     from unimoe.checkpoint import CheckpointError, read_checkpoint
+    from unimoe.sharded_checkpoint import is_sharded_checkpoint, read_header
 
     try:
-        ckpt = read_checkpoint(path)  # weights_only: a resume checkpoint holds tensors and plain data only
-    except CheckpointError:  # unreadable counts as absent
+        # weights_only: a resume checkpoint holds tensors and plain data only (or is a sharded folder)
+        ckpt = read_header(path) if is_sharded_checkpoint(path) else read_checkpoint(path)
+    except (CheckpointError, OSError, ValueError):  # unreadable counts as absent
         return None
     return int(ckpt.get("global_step", 0))
 
@@ -168,7 +172,7 @@ class CurriculumRunner:
             gc.collect()
             if code != 0:
                 raise RuntimeError(f"`unimoe {' '.join(argv)}` failed (status {code})")
-        if not stage.final_checkpoint(self.cur.root).is_file():
+        if not checkpoint_exists(stage.final_checkpoint(self.cur.root)):
             raise RuntimeError(f"training of {stage.name} ended without {FINAL_CHECKPOINT} (stopped early?)")
         return resumed
 
@@ -176,7 +180,7 @@ class CurriculumRunner:
         from unimoe.training.upcycle import upcycle_checkpoints
 
         spec = upcycle_options(self.cur, stage)
-        missing = [p for p in spec["specialists"] if not Path(p).is_file()]
+        missing = [p for p in spec["specialists"] if not checkpoint_exists(p)]
         if missing:
             raise RuntimeError(f"upcycle {stage.name}: specialist checkpoint(s) missing: {missing}")
         out = stage.final_checkpoint(self.cur.root)
