@@ -113,6 +113,8 @@ def test_every_declared_component_resolves_to_its_kind_and_the_install_is_curren
 
     from lightning.pytorch import Callback, LightningDataModule, LightningModule
 
+    from lightning.pytorch.strategies import Strategy
+
     from unimoe.codecs.base import AudioCodec
     from unimoe.evaluation.backends.base import MetricBackend
     from unimoe.evaluation.scorers import Scorer
@@ -126,7 +128,7 @@ def test_every_declared_component_resolves_to_its_kind_and_the_install_is_curren
     kinds = {"routers": Router, "experts": ExpertGroup, "codecs": AudioCodec, "tasks": TaskBuilder,
              "vision_encoders": VisionEncoder, "text_tokenizers": TextTokenizer, "metrics": MetricBackend,
              "eval_scorers": Scorer, "stages": LightningModule, "data_modules": LightningDataModule,
-             "callbacks": Callback}
+             "callbacks": Callback, "strategies": Strategy}
     declared = declared_entry_points()
     assert set(declared) == {r.entry_point_group for r in ALL_REGISTRIES} == {f"unimoe.{k}" for k in kinds}
     installed = {(ep.group, ep.name, ep.value) for ep in metadata.distribution("unimoe").entry_points

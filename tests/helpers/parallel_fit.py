@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     cfg = tiny_config(args.routed)
-    module = RecordingJoint(model=cfg, optimizer={"lr": 3e-3, "warmup_steps": 1, "weight_decay": 0.1}, seed=0)
+    module = RecordingJoint(model=cfg, optimizer={"lr": 3e-3, "warmup_steps": 1, "weight_decay": 0.1}, seed=0,
+                            task_ids=["tts", "t2m"])  # the synthetic batches use ids 0 and 1
     trainer_args = dict(accelerator="cpu", max_steps=args.steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                         num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=args.clip or None,
