@@ -7,7 +7,7 @@ checkpoints. Stage N+1 starts from stage N through ``init_from`` (weights only, 
 State on disk (nothing else is needed to resume):
 
 * a stage is **finished** when ``<root>/<stage>/DONE.json`` and its final checkpoint
-  (``final.ckpt``; ``upcycled.ckpt`` for an upcycle stage) exist; both are written
+  (the model folder ``final/``; ``upcycled/`` for an upcycle stage) exist; both are written
   atomically, the marker last. Finished stages are skipped and never overwritten.
 * a fit stage with ``checkpoints/last.ckpt`` but no marker was **interrupted**: it resumes
   with ``--ckpt_path last.ckpt`` (optimizer, step, MLflow run) and without ``init_from``.
@@ -62,7 +62,9 @@ FIT_KEYS = ("name", "description", "config", "init_from", "model", "data", "trai
 UPCYCLE_KEYS = ("name", "description", "upcycle")
 INIT_KEYS = ("stage", "path", "include", "exclude", "remap", "strict")
 LAUNCHERS = ("inprocess", "subprocess")
-UPCYCLED_CHECKPOINT = "upcycled.ckpt"
+UPCYCLED_CHECKPOINT = "upcycled"
+LEGACY_SUFFIX = ".ckpt"
+"""Runs made before final models became folders hold ``final.ckpt`` / ``upcycled.ckpt``; still read."""
 STATUS_FILE = "curriculum.json"
 STAGE_CONFIG = "stage.yaml"
 
@@ -85,7 +87,14 @@ class Stage:
         return root / self.name
 
     def final_checkpoint(self, root: Path) -> Path:
-        return self.directory(root) / (UPCYCLED_CHECKPOINT if self.kind == "upcycle" else FINAL_CHECKPOINT)
+        return final_model(self.directory(root), self.kind)
+
+
+def final_model(stage_dir: Path, kind: str = "fit") -> Path:
+    """A stage's final model folder (``final/``, ``upcycled/``), or an older run's ``.ckpt`` file."""
+    folder = stage_dir / (UPCYCLED_CHECKPOINT if kind == "upcycle" else FINAL_CHECKPOINT)
+    legacy = folder.with_name(folder.name + LEGACY_SUFFIX)
+    return legacy if legacy.is_file() and not folder.exists() else folder
 
 
 @dataclass
@@ -349,9 +358,9 @@ def stage_status(cur: Curriculum, stage: Stage) -> str:
     """``done`` / ``final`` (final checkpoint, marker missing) / ``resume`` / ``pending``."""
     d = stage.directory(cur.root)
     final = stage.final_checkpoint(cur.root)
-    if (d / DONE_MARKER).is_file() and final.is_file():
+    if (d / DONE_MARKER).is_file() and final.exists():
         return "done"
-    if final.is_file():
+    if final.exists():
         return "final"
     if stage.kind == "fit" and (d / "checkpoints" / "last.ckpt").is_file():
         return "resume"
@@ -575,7 +584,7 @@ class CurriculumRunner:
             gc.collect()
             if code != 0:
                 raise RuntimeError(f"`unimoe {' '.join(argv)}` failed (status {code})")
-        if not stage.final_checkpoint(self.cur.root).is_file():
+        if not stage.final_checkpoint(self.cur.root).exists():
             raise RuntimeError(f"training of {stage.name} ended without {FINAL_CHECKPOINT} (stopped early?)")
         return resumed
 
@@ -594,7 +603,7 @@ class CurriculumRunner:
         from unimoe.training.upcycle import upcycle_checkpoints
 
         spec = self._upcycle_options(stage)
-        missing = [p for p in spec["specialists"] if not Path(p).is_file()]
+        missing = [p for p in spec["specialists"] if not Path(p).exists()]
         if missing:
             raise RuntimeError(f"upcycle {stage.name}: specialist checkpoint(s) missing: {missing}")
         out = stage.final_checkpoint(self.cur.root)
