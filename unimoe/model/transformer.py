@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from unimoe.model.config import AudioLMConfig
 from unimoe.model.delay import CodecSpecials
+from unimoe.model.rope import rope_inv_freq
 from unimoe.model.tasks import IGNORE_INDEX, Batch, Modality
 from unimoe.moe.ffn import SwiGLU
 from unimoe.moe.layer import build_moe_layer
@@ -54,9 +55,14 @@ def rotate_half(x: Tensor, groups: int = 1) -> Tensor:
     return torch.cat([-x[..., 1, :], x[..., 0, :]], dim=-1).flatten(-2)
 
 
-def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``positions [B, L]`` -> ``cos, sin [B, 1, L, head_dim]`` (computed per call: no length limit)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+def rope_cos_sin(
+    positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype, scaling: dict | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``positions [B, L]`` -> ``cos, sin [B, 1, L, head_dim]`` (computed per call: no length limit).
+
+    ``scaling``: a pretrained LM's RoPE scaling (:func:`unimoe.model.rope.rope_inv_freq`).
+    """
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, device=positions.device)  # [hd/2]
     angles = positions.float().unsqueeze(-1) * inv_freq  # [B, L, hd/2]
     angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -254,7 +260,8 @@ class AudioLM(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(D, cfg.norm_eps)
         self.audio_head = nn.Linear(D, C * V, bias=False)
-        self.text_head = nn.Linear(D, self.text_vocab_size, bias=False) if cfg.text_head else None
+        # A tied text head has no weight of its own: text logits use text_embed.weight (text_logits_of).
+        self.text_head = nn.Linear(D, self.text_vocab_size, bias=False) if cfg.text_head and not cfg.tie_text_head else None
         self.gradient_checkpointing = cfg.gradient_checkpointing
         self._init_own_weights()
 
@@ -339,7 +346,7 @@ class AudioLM(nn.Module):
             rope_pos = positions
         else:
             rope_pos = position_ids if position_ids is not None else torch.arange(L, device=x.device).expand(B, L)
-        cos, sin = rope_cos_sin(rope_pos, self.config.head_size, self.config.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(rope_pos, self.config.head_size, self.config.rope_theta, x.dtype, self.config.rope_scaling)
         routing: list[RoutingInfo | None] = []
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and cache is None:
@@ -390,12 +397,17 @@ class AudioLM(nn.Module):
         elif logits != "none":
             raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
         if text_logits:
-            if self.text_head is None:
-                raise ValueError("text_logits=True needs AudioLMConfig.text_head=True")
-            out.text_logits = self.text_head(hidden).float()
+            out.text_logits = self.text_logits_of(hidden)
         if batch.labels is not None:
             self._loss(out, batch.labels, batch.task_ids, full_logits=out.logits if logits == "all" else None)
         return out
+
+    def text_logits_of(self, hidden: Tensor) -> Tensor:
+        """``[..., D] -> [..., text_vocab]`` float32 logits of the text head (tied or not)."""
+        if not self.config.text_head:
+            raise ValueError("text logits need AudioLMConfig.text_head=True")
+        weight = self.text_embed.weight if self.config.tie_text_head else self.text_head.weight
+        return F.linear(hidden, weight).float()
 
     def step(self, codes: Tensor, cache: KVCache, *, task_ids: Tensor | None = None) -> AudioLMOutput:
         """Decode: append audio frames ``codes [B, C]`` (or ``[B, C, S]``) to every row of ``cache``.

@@ -31,7 +31,7 @@ Schema (unknown keys are errors with a "did you mean"; ``x-*`` keys hold YAML an
         upcycle: {specialists: [specialist_tts, ...], pieces: 2, moe: {...}}
       - name: warmup
         config: warmup.yaml
-        init_from: upcycle         # an earlier stage (its final checkpoint), a path, or
+        init_from: upcycle         # an earlier stage (its final model), a path, a Hub id, or
                                    # {stage|path, include, exclude, remap, strict}
 """
 
@@ -348,8 +348,13 @@ def resolve_init_from(cur: Curriculum, stage: Stage) -> Any:
 
 def _checkpoint_of(cur: Curriculum, ref: str) -> Path:
     if _looks_like_path(ref):
-        path = Path(ref)
-        return path if path.is_absolute() else (cur.source.parent / path).resolve()
+        path = Path(ref).expanduser()
+        if path.is_absolute():
+            return path
+        local = (cur.source.parent / path).resolve()
+        from unimoe.pretrained.hub import looks_like_hub_id
+
+        return path if not local.exists() and looks_like_hub_id(ref) else local  # `Qwen/Qwen2.5-3B`: a Hub id
     return cur.stage(ref).final_checkpoint(cur.root)
 
 
