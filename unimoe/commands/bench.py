@@ -12,6 +12,7 @@ import sys
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "moe": ("unimoe.bench.moe:main", "MoE layer forward+backward: ours vs loop / padded / ideal, null-expert saving"),
     "generate": ("unimoe.bench.generate:main", "decoding frames/s and RTF: KV cache vs recompute, lowered router top-p"),
+    "load": ("unimoe.bench.load:main", "peak memory of init_from a pretrained LM: streamed vs a full state-dict load"),
 }
 
 
