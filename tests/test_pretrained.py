@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", reason="transformers (dev extra) is the Qwen2 / Llama reference implementation")
 
 from unimoe.checkpoint import load_model, save_model_folder  # noqa: E402
 from unimoe.model.config import AudioLMConfig  # noqa: E402
