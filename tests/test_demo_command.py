@@ -52,7 +52,7 @@ def test_runs_every_step_in_order_with_the_documented_layout(recorded, tmp_path)
         str(data_dir / "shards" / t) for t in ("tts", "t2m", "v2m")]
     assert calls[5][1] == ["--config", str(recipe), "--data_root", str(data_dir), "--root", str(root)]
     ev = calls[6][1]
-    assert ev[ev.index("--ckpt") + 1] == str(root / "joint" / "final.ckpt")
+    assert ev[ev.index("--ckpt") + 1] == str(root / "joint" / "final")
     assert ev[ev.index("--split") + 1] == "test" and ev[ev.index("--limit") + 1] == "5"
 
 
@@ -99,7 +99,7 @@ def test_real_demo_at_small_scale(tmp_path):
                            str(tmp_path / "runs"), "--recipe", str(path), "--scale", "0.25", "--eval-limit", "3"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=3000)
     assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-4000:]
-    assert (tmp_path / "runs" / "joint" / "final.ckpt").is_file()
+    assert (tmp_path / "runs" / "joint" / "final" / "model.safetensors").is_file()
     results = json.loads((tmp_path / "runs" / "eval" / "joint" / "results.json").read_text())
     assert results["n_items"] == 3
     assert "unimoe demo: finished" in proc.stdout

@@ -86,6 +86,17 @@ def plain_spec(value: Any) -> Any:
     return value
 
 
+def spec_parts(spec: Any) -> tuple[Any, dict[str, Any]]:
+    """``(name, init args)`` of a component spec in any spelling (``{class_path, init_args}``, ``{name, ...}``,
+    a bare name); a built object comes back as ``(object, {})``. Two specs that build the same thing compare equal."""
+    spec = plain_spec(spec)
+    if isinstance(spec, Mapping) and "class_path" in spec:
+        return spec["class_path"], dict(spec.get("init_args") or {})
+    if isinstance(spec, Mapping) and "name" in spec:
+        return spec["name"], {k: v for k, v in spec.items() if k != "name"}
+    return spec, {}
+
+
 def _register_with_jsonargparse() -> None:
     try:
         from jsonargparse.typing import register_type

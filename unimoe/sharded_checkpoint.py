@@ -43,10 +43,14 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
 
 
 def checkpoint_exists(path: str | Path) -> bool:
-    """A checkpoint file, or a complete sharded checkpoint folder (after finishing an interrupted swap)."""
+    """A checkpoint file, a model folder (``unimoe export`` / a stage's ``final/``), or a complete
+    sharded checkpoint folder (after finishing an interrupted swap)."""
+    from unimoe.checkpoint import FOLDER_CONFIG, FOLDER_WEIGHTS
+
     path = Path(path)
     recover_swap(path)
-    return path.is_file() or is_sharded_checkpoint(path)
+    is_model_folder = path.is_dir() and (path / FOLDER_CONFIG).is_file() and (path / FOLDER_WEIGHTS).is_file()
+    return path.is_file() or is_model_folder or is_sharded_checkpoint(path)
 
 
 def read_header(path: str | Path) -> dict[str, Any]:

@@ -97,7 +97,9 @@ def run_demo(args: argparse.Namespace) -> dict:
           ["--config", str(recipe), "--data_root", str(data_dir), "--root", str(root)])
 
     summary: dict = {"data": str(data_dir), "root": str(root), "recipe": str(recipe)}
-    final = root / "joint" / "final.ckpt"
+    from unimoe.training.curriculum import final_model
+
+    final = final_model(root / "joint")
     summary["checkpoint"] = str(final)
     if not args.skip_eval:
         eval_dir = root / "eval" / "joint"

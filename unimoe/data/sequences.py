@@ -19,6 +19,7 @@ from unimoe.data.dataset import Example
 from unimoe.model.batch import collate
 from unimoe.model.config import AudioLMConfig
 from unimoe.model.tasks import TaskIds, build_task_builder
+from unimoe.registry import spec_parts
 
 SEQUENCE_FIELDS = ("num_codebooks", "codebook_size", "delays", "text_tokenizer", "vision", "max_seq_len")
 """The model-config fields that decide how an example is laid out (and whether it fits)."""
@@ -39,7 +40,7 @@ class SequenceLayout:
     def disagreements(self, other: AudioLMConfig) -> list[str]:
         """``field: data <other's> vs model <this one's>`` for every sequence-layout field where they differ."""
         return [f"{f}: data {getattr(other, f)!r} vs model {getattr(self.config, f)!r}" for f in SEQUENCE_FIELDS
-                if getattr(other, f) != getattr(self.config, f)]
+                if spec_parts(getattr(other, f)) != spec_parts(getattr(self.config, f))]
 
 
 class SequenceMaker:

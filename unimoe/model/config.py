@@ -41,6 +41,10 @@ class AudioLMConfig:
     """Bias on the q/k/v projections (Qwen2.5 has it)."""
     norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
+    rope_scaling: Optional[Dict[str, Any]] = None
+    """RoPE frequency scaling of a pretrained LM: None, ``{"rope_type": "linear", "factor": f}`` or
+    Llama 3.1's ``{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    "original_max_position_embeddings"}`` (see :mod:`unimoe.model.rope`)."""
     max_seq_len: int = 4096
     """Longest sequence a task builder may produce and the default KV-cache length."""
 
@@ -56,8 +60,11 @@ class AudioLMConfig:
     text_vocab_size: Optional[int] = None
     """Rows of the text embedding; None = the tokenizer's vocabulary rounded up to 64."""
     text_head: bool = False
-    """Add an untied hidden -> text-vocab head (the authors' release carries Qwen's LM head;
-    the audio loss never uses it). Only there for parity with the release's parameters."""
+    """Add a hidden -> text-vocab head (the authors' release carries Qwen's LM head; the audio
+    loss never uses it). For parity with the release and with pretrained LMs' text logits."""
+    tie_text_head: bool = False
+    """The text head is the text embedding matrix itself (``tie_word_embeddings`` of Qwen2.5 <= 3B,
+    Llama 3.2): no separate weight. Needs ``text_head``."""
 
     # --- audio
     num_codebooks: int = 12
@@ -91,6 +98,11 @@ class AudioLMConfig:
             raise ValueError(f"AudioLMConfig.delays has {len(self.delays)} entries but num_codebooks is {self.num_codebooks}")
         if any(int(d) != d or d < 0 for d in self.delays):
             raise ValueError(f"AudioLMConfig.delays must be non-negative ints, got {self.delays}")
+        if self.tie_text_head and not self.text_head:
+            raise ValueError("AudioLMConfig.tie_text_head needs text_head: true (the tied head is a text head)")
+        from unimoe.model.rope import check_rope_scaling
+
+        self.rope_scaling = check_rope_scaling(self.rope_scaling, "AudioLMConfig.rope_scaling")
         if self.text_vocab_size is not None and self.text_vocab_size < 1:
             raise ValueError(f"AudioLMConfig.text_vocab_size must be positive, got {self.text_vocab_size}")
         if self.moe_layers is not None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from unimoe.model.rope import rope_inv_freq
+
 
 class RMSNorm(nn.Module):
     """``x / rms(x) * weight``, computed in float32 so bf16 activations do not lose range."""
@@ -34,9 +36,14 @@ def rotate_half(x: Tensor, groups: int = 1) -> Tensor:
     return torch.cat([-x[..., 1, :], x[..., 0, :]], dim=-1).flatten(-2)
 
 
-def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``positions [B, L]`` -> ``cos, sin [B, 1, L, head_dim]`` (computed per call: no length limit)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+def rope_cos_sin(
+    positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype, scaling: dict | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``positions [B, L]`` -> ``cos, sin [B, 1, L, head_dim]`` (computed per call: no length limit).
+
+    ``scaling``: a pretrained LM's RoPE scaling (:func:`unimoe.model.rope.rope_inv_freq`).
+    """
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, device=positions.device)  # [hd/2]
     angles = positions.float().unsqueeze(-1) * inv_freq  # [B, L, hd/2]
     angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)
     return angles.cos().to(dtype), angles.sin().to(dtype)

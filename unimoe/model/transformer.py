@@ -219,7 +219,8 @@ class AudioLM(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(D, cfg.norm_eps)
         self.audio_head = nn.Linear(D, C * V, bias=False)
-        self.text_head = nn.Linear(D, self.text_vocab_size, bias=False) if cfg.text_head else None
+        # A tied text head has no weight of its own: text logits use text_embed.weight (text_logits_of).
+        self.text_head = nn.Linear(D, self.text_vocab_size, bias=False) if cfg.text_head and not cfg.tie_text_head else None
         self.gradient_checkpointing = cfg.gradient_checkpointing
         self.vision_every_batch = False  # set by unimoe.training.parallel: run the encoder on every rank, every batch
         self._init_own_weights()
@@ -311,7 +312,7 @@ class AudioLM(nn.Module):
             rope_pos = positions
         else:
             rope_pos = position_ids if position_ids is not None else torch.arange(L, device=x.device).expand(B, L)
-        cos, sin = rope_cos_sin(rope_pos, self.config.head_size, self.config.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(rope_pos, self.config.head_size, self.config.rope_theta, x.dtype, self.config.rope_scaling)
         routing: list[RoutingInfo | None] = []
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and cache is None:
@@ -362,12 +363,17 @@ class AudioLM(nn.Module):
         elif logits != "none":
             raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
         if text_logits:
-            if self.text_head is None:
-                raise ValueError("text_logits=True needs AudioLMConfig.text_head=True")
-            out.text_logits = self.text_head(hidden).float()
+            out.text_logits = self.text_logits_of(hidden)
         if batch.labels is not None:
             self._loss(out, batch.labels, batch.task_ids, full_logits=out.logits if logits == "all" else None)
         return out
+
+    def text_logits_of(self, hidden: Tensor) -> Tensor:
+        """``[..., D] -> [..., text_vocab]`` float32 logits of the text head (tied or not)."""
+        if not self.config.text_head:
+            raise ValueError("text logits need AudioLMConfig.text_head=True")
+        weight = self.text_embed.weight if self.config.tie_text_head else self.text_head.weight
+        return F.linear(hidden, weight).float()
 
     def step(self, codes: Tensor, cache: KVCache, *, task_ids: Tensor | None = None) -> AudioLMOutput:
         """Decode: append audio frames ``codes [B, C]`` (or ``[B, C, S]``) to every row of ``cache``.

@@ -6,7 +6,7 @@ Defaults a user would otherwise wire by hand on every run:
   is how every curriculum stage logs into one experiment at the curriculum root.
 - ``ModelCheckpoint`` into ``<default_root_dir>/checkpoints`` with ``last.ckpt`` always kept,
   so a killed run resumes with ``--ckpt_path <dir>/checkpoints/last.ckpt``; and
-  ``StageFinalizer``: ``<default_root_dir>/final.ckpt`` when training ends normally.
+  ``StageFinalizer``: the model folder ``<default_root_dir>/final/`` when training ends normally.
 - A rich progress bar over the stage's optimizer steps (``StepProgressBar``), and the resolved
   config saved next to the checkpoints and in MLflow.
 - Stages, data modules and callbacks (in-tree and from installed plug-ins, all declared as

@@ -36,6 +36,7 @@ from unimoe.model.tasks import TaskIds
 from unimoe.model.transformer import AudioLM
 from unimoe.moe.losses import AuxLossSchedule
 from unimoe.moe.stats import RoutingInfo, mean_over_layers
+from unimoe.pretrained import PRETRAINED_STAGE
 from unimoe.registry import ComponentField, ComponentSpec, plain_spec
 from unimoe.training.balance import GlobalLoadBalance
 from unimoe.training.init_from import InitFrom, InitReport, load_initial_weights, read_init_checkpoint
@@ -424,6 +425,8 @@ class JointStage(StageModule):
 # ---------------------------------------------------------------------- helpers
 def _resolve_config(model: Any, source: CheckpointMetadata | None, owner: str) -> AudioLMConfig:
     model = _plain(model)
+    if source is not None and source.stage == PRETRAINED_STAGE:
+        return _pretrained_config(model, source, owner)
     if model is None:
         if source is None:
             raise ValueError(f"{owner}: give model (a preset name or config) or init_from (a checkpoint to start from)")
@@ -432,6 +435,24 @@ def _resolve_config(model: Any, source: CheckpointMetadata | None, owner: str) -
         return model_config(model, f"{owner}.model")
     except (TypeError, ValueError) as exc:
         raise ValueError(str(exc) if str(exc).startswith(owner) else f"{owner}.model: {exc}") from exc
+
+
+def _pretrained_config(model: Any, source: CheckpointMetadata, owner: str) -> AudioLMConfig:
+    """The recipe's audio parts on the pretrained LM's backbone (see :func:`unimoe.pretrained.merge_backbone`)."""
+    from unimoe.pretrained import BACKBONE_FIELDS, merge_backbone
+
+    info = source.extra.get("pretrained", {})
+    user = None if model is None else _resolve_config(model, None, owner)
+    backbone = {f: getattr(source.config, f) for f in BACKBONE_FIELDS}
+    try:
+        config = merge_backbone(user, backbone, info.get("ref", "?"), from_preset=isinstance(model, str))
+    except ValueError as exc:
+        raise ValueError(f"{owner}.model: {exc}") from exc
+    limit = info.get("max_position_embeddings")
+    if isinstance(limit, int) and config.max_seq_len > limit:
+        log.warning("%s: max_seq_len %d is longer than the %d positions %s was trained on", owner,
+                    config.max_seq_len, limit, info.get("ref"))
+    return config
 
 
 def _coerce(cls, value, name: str):

@@ -7,7 +7,7 @@ checkpoints. Stage N+1 starts from stage N through ``init_from`` (weights only, 
 State on disk (nothing else is needed to resume):
 
 * a stage is **finished** when ``<root>/<stage>/DONE.json`` and its final checkpoint
-  (``final.ckpt``; ``upcycled.ckpt`` for an upcycle stage) exist; both are written
+  (the model folder ``final/``; ``upcycled/`` for an upcycle stage) exist; both are written
   atomically, the marker last. Finished stages are skipped and never overwritten.
 * a fit stage with ``checkpoints/last.ckpt`` but no marker was **interrupted**: it resumes
   with ``--ckpt_path last.ckpt`` (optimizer, step, MLflow run) and without ``init_from``.
@@ -36,7 +36,7 @@ Schema (unknown keys are errors with a "did you mean"; ``x-*`` keys hold YAML an
         upcycle: {specialists: [specialist_tts, ...], pieces: 2, moe: demo-moe}   # or moe: {MoEConfig fields}
       - name: warmup
         config: warmup.yaml
-        init_from: upcycle         # an earlier stage (its final checkpoint), a path, or
+        init_from: upcycle         # an earlier stage (its final model), a path, a Hub id, or
                                    # {stage|path, include, exclude, remap, strict}
 """
 
@@ -44,11 +44,13 @@ from unimoe.training.curriculum.compose import (
     check_data_paths, check_launcher, compose_stage, resolve_init_from, upcycle_options, validate_stage_config,
 )
 from unimoe.training.curriculum.run import STAGE_CONFIG, STATUS_FILE, CurriculumRunner, stage_status
-from unimoe.training.curriculum.schema import UPCYCLED_CHECKPOINT, Curriculum, Stage, checkpoint_of, load_curriculum
+from unimoe.training.curriculum.schema import (
+    UPCYCLED_CHECKPOINT, Curriculum, Stage, checkpoint_of, final_model, load_curriculum,
+)
 from unimoe.training.recipes import deep_merge
 
 __all__ = [
     "STAGE_CONFIG", "STATUS_FILE", "UPCYCLED_CHECKPOINT", "Curriculum", "CurriculumRunner", "Stage", "check_data_paths",
-    "check_launcher", "checkpoint_of", "compose_stage", "deep_merge", "load_curriculum", "resolve_init_from",
+    "check_launcher", "checkpoint_of", "compose_stage", "deep_merge", "final_model", "load_curriculum", "resolve_init_from",
     "stage_status", "upcycle_options", "validate_stage_config",
 ]

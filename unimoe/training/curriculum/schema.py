@@ -23,7 +23,9 @@ FIT_KEYS = ("name", "description", "config", "init_from", "model", "data", "trai
 UPCYCLE_KEYS = ("name", "description", "upcycle")
 INIT_KEYS = ("stage", "path", "include", "exclude", "remap", "strict")
 LAUNCHERS = ("inprocess", "subprocess")
-UPCYCLED_CHECKPOINT = "upcycled.ckpt"
+UPCYCLED_CHECKPOINT = "upcycled"
+LEGACY_SUFFIX = ".ckpt"
+"""Runs made before final models became folders hold ``final.ckpt`` / ``upcycled.ckpt``; still read."""
 
 
 @dataclass
@@ -43,7 +45,14 @@ class Stage:
         return root / self.name
 
     def final_checkpoint(self, root: Path) -> Path:
-        return self.directory(root) / (UPCYCLED_CHECKPOINT if self.kind == "upcycle" else FINAL_CHECKPOINT)
+        return final_model(self.directory(root), self.kind)
+
+
+def final_model(stage_dir: Path, kind: str = "fit") -> Path:
+    """A stage's final model folder (``final/``, ``upcycled/``), or an older run's ``.ckpt`` file."""
+    folder = stage_dir / (UPCYCLED_CHECKPOINT if kind == "upcycle" else FINAL_CHECKPOINT)
+    legacy = folder.with_name(folder.name + LEGACY_SUFFIX)
+    return legacy if legacy.is_file() and not folder.exists() else folder
 
 
 @dataclass
@@ -68,8 +77,13 @@ class Curriculum:
 def checkpoint_of(cur: Curriculum, ref: str) -> Path:
     """The checkpoint a reference names: an earlier stage's final checkpoint, or a path (relative to the file)."""
     if looks_like_path(ref):
-        path = Path(ref)
-        return path if path.is_absolute() else (cur.source.parent / path).resolve()
+        path = Path(ref).expanduser()
+        if path.is_absolute():
+            return path
+        local = (cur.source.parent / path).resolve()
+        from unimoe.pretrained.hub import looks_like_hub_id
+
+        return path if not local.exists() and looks_like_hub_id(ref) else local  # `Qwen/Qwen2.5-3B`: a Hub id
     return cur.stage(ref).final_checkpoint(cur.root)
 
 
