@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "test": ("unimoe.training.cli:run_lightning_cli", "run the test loop of a stage"),
     "predict": ("unimoe.training.cli:run_lightning_cli", "run the predict loop of a stage"),
     "curriculum": ("unimoe.commands.curriculum:main", "run specialists -> upcycle -> warmup -> joint, resumable"),
+    "study": ("unimoe.commands.study:main", "run a grid of arms x seeds (curricula, recipes) and report mean/std per arm"),
     "upcycle": ("unimoe.commands.upcycle:main", "merge dense specialist checkpoints into one MoE checkpoint"),
     "data": ("unimoe.commands.data:main", "build the offline demo corpus, import and validate manifests"),
     "codec": ("unimoe.commands.codec:main", "fit the embedded spectral_rvq codec on a corpus; round-trip a file"),

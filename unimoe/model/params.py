@@ -47,7 +47,7 @@ def _numel(module: nn.Module | None) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 
 
-def _routed_expert_sizes(layer: MoELayer) -> list[int]:
+def routed_expert_sizes(layer: MoELayer) -> list[int]:
     """Parameters of each real routed expert of one MoE layer (null experts have none)."""
     sizes: list[int] = []
     for group in layer.experts:
@@ -89,7 +89,7 @@ def count_parameters(model: nn.Module, active: int | str | None = None) -> int:
     if isinstance(active, int) and active < 0:
         raise ValueError(f"active must be >= 0, got {active}")
     for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
-        sizes = sorted(_routed_expert_sizes(layer), reverse=True)
+        sizes = sorted(routed_expert_sizes(layer), reverse=True)
         if isinstance(active, str):
             lo, hi = active_experts_range(layer)
             k = lo if active == "min" else hi

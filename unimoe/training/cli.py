@@ -57,6 +57,8 @@ class UniMoECLI(LightningCLI):
             help="folder of the MLflow store (mlflow.db + mlartifacts); default: the run directory",
         )
         parser.add_argument("--run_name", type=Optional[str], default=None, help="MLflow run name (default: run dir name)")
+        parser.add_argument("--mlflow_parent_run", type=Optional[str], default=None,
+                            help="MLflow run id to nest this run under (a study cell's run)")
 
     def _parse_ckpt_path(self) -> None:
         """Resume rules (see the module docstring), then Lightning's hparam restore."""
@@ -148,7 +150,7 @@ class UniMoECLI(LightningCLI):
             raise ConfigError(f"model.init_args.init_from: {exc}") from exc
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        from unimoe.training.callbacks import StageFinalizer, StepProgressBar
+        from unimoe.training.callbacks import StageFinalizer, StepProgressBar, TrainingBudget
 
         config = self._get(self.config_init, "trainer", default={})
         run_dir = Path(config.get("default_root_dir") or DEFAULT_RUN_DIR)
@@ -162,6 +164,7 @@ class UniMoECLI(LightningCLI):
                 run_name=self._get(self.config, "run_name"),
                 resume=resume,
                 store_dir=store,
+                parent_run_id=self._get(self.config, "mlflow_parent_run"),
             )
         callbacks = list(config.get("callbacks") or [])
         checkpointing = config.get("enable_checkpointing", True) is not False
@@ -169,6 +172,8 @@ class UniMoECLI(LightningCLI):
             callbacks.append(ModelCheckpoint(dirpath=str(run_dir / CHECKPOINT_SUBDIR), save_last=True))
         if checkpointing and not any(isinstance(c, StageFinalizer) for c in callbacks):
             callbacks.append(StageFinalizer())
+        if not any(isinstance(c, TrainingBudget) for c in callbacks):  # train/tokens, train/flops in every stage
+            callbacks.append(TrainingBudget())
         if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(StepProgressBar())
         kwargs["callbacks"] = callbacks

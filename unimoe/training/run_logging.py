@@ -57,12 +57,14 @@ def mlflow_logger_for(
     resume: bool = False,
     tracking_uri: str | None = None,
     store_dir: str | Path | None = None,
+    parent_run_id: str | None = None,
 ) -> MLFlowLogger:
     """An MLFlowLogger for ``run_dir``; with ``resume`` it reopens the run recorded there.
 
     The store (``mlflow.db`` + ``mlartifacts/``) lives in ``store_dir`` when given (the
     curriculum root, shared by all its stages), else in ``run_dir``. The run id is always
-    remembered in ``run_dir``.
+    remembered in ``run_dir``. ``parent_run_id`` nests a new run under that run (a study
+    cell's run); a resumed run keeps the parent it was created with.
     """
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -78,6 +80,7 @@ def mlflow_logger_for(
         tracking_uri=tracking_uri or tracking_uri_for(store),
         artifact_location=(store / "mlartifacts").as_uri(),
         run_id=run_id,
+        tags={"mlflow.parentRunId": parent_run_id} if parent_run_id and run_id is None else None,
     )
     return logger
 

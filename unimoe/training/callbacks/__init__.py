@@ -4,6 +4,7 @@ from unimoe.training.callbacks.audio_samples import AudioSamples
 from unimoe.training.callbacks.expert_load import ExpertLoadMonitor, RoutingTotals, expert_labels_for
 from unimoe.training.callbacks.finalize import DONE_MARKER, FINAL_CHECKPOINT, FINAL_METRICS, StageFinalizer
 from unimoe.training.callbacks.progress import StepProgressBar
+from unimoe.training.callbacks.budget import TrainingBudget
 
 __all__ = [
     "AudioSamples",
@@ -11,6 +12,7 @@ __all__ = [
     "RoutingTotals",
     "StageFinalizer",
     "StepProgressBar",
+    "TrainingBudget",
     "expert_labels_for",
     "DONE_MARKER",
     "FINAL_CHECKPOINT",

@@ -63,7 +63,10 @@ def _checkpoint_step(path: Path) -> Optional[int]:
 class CurriculumRunner:
     """Runs (or resumes) a curriculum; prints which stage runs and how far each got."""
 
-    def __init__(self, cur: Curriculum, console=None, until: Optional[str] = None) -> None:
+    def __init__(self, cur: Curriculum, console=None, until: Optional[str] = None,
+                 mlflow_dir: Optional[Path] = None, mlflow_parent: Optional[str] = None) -> None:
+        """``mlflow_dir``: the MLflow store (default the curriculum root); ``mlflow_parent``: a run id
+        every new stage run nests under (``unimoe study`` passes its cell's run)."""
         from rich.console import Console
 
         self.cur = cur
@@ -72,6 +75,8 @@ class CurriculumRunner:
         if until is not None and all(s.name != until for s in cur.stages):
             raise RecipeError(f"--until {until!r}: no such stage; stages: {[s.name for s in cur.stages]}")
         self.status: dict[str, dict[str, Any]] = {}
+        self.mlflow_dir = Path(mlflow_dir) if mlflow_dir is not None else cur.root
+        self.mlflow_parent = mlflow_parent
 
     # ------------------------------------------------------------------ plan
     def selected(self) -> list[Stage]:
@@ -146,7 +151,9 @@ class CurriculumRunner:
         config_path = run_dir / STAGE_CONFIG
         write_text_atomic(config_path, yaml.safe_dump(cfg, sort_keys=False))
         argv = ["fit", "--config", str(config_path), "--experiment_name", self.cur.name,
-                "--mlflow_dir", str(self.cur.root), "--run_name", stage.name]
+                "--mlflow_dir", str(self.mlflow_dir), "--run_name", stage.name]
+        if self.mlflow_parent:
+            argv += ["--mlflow_parent_run", self.mlflow_parent]
         resumed = None
         steps = stage_steps(cfg)
         if status == "resume":
