@@ -125,11 +125,7 @@ def plot_curves(study: Study, out: Path) -> Optional[Path]:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "val_loss_curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "val_loss_curves.png")
 
 
 def plot_finals(report: dict[str, Any], out: Path) -> Optional[Path]:
@@ -160,8 +156,15 @@ def plot_finals(report: dict[str, Any], out: Path) -> Optional[Path]:
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     fig.tight_layout()
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "final_metrics.png"
-    fig.savefig(path, dpi=110)
+    return _save(fig, out / "final_metrics.png")
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    from unimoe.training.callbacks.plots import save_figure
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_figure(fig, path)
     plt.close(fig)
     return path

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from unimoe.training.curriculum.compose import compose_stage
-from unimoe.training.curriculum.schema import Curriculum, Stage, checkpoint_of, load_curriculum
+from unimoe.training.curriculum.schema import Curriculum, Stage, checkpoint_of, load_curriculum, reject_unknown
 from unimoe.training.recipe_vars import RecipeError, resolve_data_root
 from unimoe.training.recipes import deep_merge, drop_anchor_keys, load_tree, read_yaml, substitute_tree
 
@@ -123,22 +123,13 @@ class Study:
         return self.root / STAGES_DIR
 
 
-def _unknown(keys, known, where: str) -> None:
-    for key in keys:
-        if key in known or str(key).startswith("x-"):
-            continue
-        close = difflib.get_close_matches(str(key), known, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise RecipeError(f"{where}: unknown field {key!r}{hint}; known fields: {', '.join(known)}")
-
-
 def load_study(path: str | Path, *, root: Optional[str] = None, data_root: Optional[str] = None,
                scale: Optional[float] = None, seeds: Optional[list[int]] = None) -> Study:
     """Parse a study file and build every cell's curriculum (errors name the file and field)."""
     path = Path(path).resolve()
     raw, origin = load_tree(path)
     for file in set(origin.values()):
-        _unknown(read_yaml(file).keys(), TOP_KEYS, str(file))
+        reject_unknown(read_yaml(file).keys(), TOP_KEYS, str(file))
     resolved_root = resolve_data_root(data_root, raw.get("data_root"), origin.get("data_root", path).parent)
     raw = drop_anchor_keys(raw)
     raw = substitute_tree({k: v for k, v in raw.items() if k != "data_root"}, resolved_root, str(path))
@@ -164,7 +155,7 @@ def load_study(path: str | Path, *, root: Optional[str] = None, data_root: Optio
     if evaluate is not None:
         if not isinstance(evaluate, dict) or "suite" not in evaluate or "manifest" not in evaluate:
             raise RecipeError(f"{path}: field 'evaluate' must be null or a mapping with 'suite' and 'manifest'")
-        _unknown(evaluate.keys(), EVALUATE_KEYS, f"{path}: evaluate")
+        reject_unknown(evaluate.keys(), EVALUATE_KEYS, f"{path}: evaluate")
     items = raw.get("arms")
     if not isinstance(items, list) or not items:
         raise RecipeError(f"{path}: field 'arms' must be a non-empty list")
@@ -188,7 +179,7 @@ def _parse_arm(item: Any, index: int, source: Path) -> Arm:
     where = f"{source}: arm {item['name']!r}"
     if ("curriculum" in item) == ("recipe" in item):
         raise RecipeError(f"{where}: give exactly one of 'curriculum' (a curriculum file) or 'recipe' (a stage recipe)")
-    _unknown(item.keys(), CURRICULUM_ARM_KEYS if "curriculum" in item else RECIPE_ARM_KEYS, where)
+    reject_unknown(item.keys(), CURRICULUM_ARM_KEYS if "curriculum" in item else RECIPE_ARM_KEYS, where)
     kind = "curriculum" if "curriculum" in item else "recipe"
     file = (source.parent / str(item[kind])).resolve()
     if not file.is_file():

@@ -87,7 +87,7 @@ def checkpoint_of(cur: Curriculum, ref: str) -> Path:
     return cur.stage(ref).final_checkpoint(cur.root)
 
 
-def _unknown(keys, known, where: str) -> None:
+def reject_unknown(keys, known, where: str) -> None:
     for key in keys:
         if key in known or str(key).startswith("x-"):
             continue
@@ -103,7 +103,7 @@ def load_curriculum(
     path = Path(path).resolve()
     raw, origin = load_tree(path)
     for file in set(origin.values()):
-        _unknown(read_yaml(file).keys(), TOP_KEYS, str(file))
+        reject_unknown(read_yaml(file).keys(), TOP_KEYS, str(file))
     data_dir = origin.get("data_root", path).parent
     resolved_root = resolve_data_root(data_root, raw.get("data_root"), data_dir)
     raw = drop_anchor_keys(raw)
@@ -142,13 +142,13 @@ def _parse_stage(item: Any, index: int, source: Path) -> Stage:
         raise RecipeError(f"{where}: field 'name' must be a plain non-empty string (a folder name), got {name!r}")
     where = f"{source}: stage {name!r}"
     if "upcycle" in item:
-        _unknown(item.keys(), UPCYCLE_KEYS, where)
+        reject_unknown(item.keys(), UPCYCLE_KEYS, where)
         spec = item["upcycle"]
         if not isinstance(spec, dict):
             raise RecipeError(f"{where}: field 'upcycle' must be a mapping of upcycle options")
         _check_upcycle_fields(spec, where)
         return Stage(name=name, kind="upcycle", index=index, description=item.get("description", ""), upcycle=spec)
-    _unknown(item.keys(), FIT_KEYS, where)
+    reject_unknown(item.keys(), FIT_KEYS, where)
     config = item.get("config")
     files = [] if config is None else ([config] if isinstance(config, str) else config)
     if isinstance(files, list):  # a list may hold lists (a YAML anchor naming several files): flattened
@@ -164,7 +164,7 @@ def _parse_stage(item: Any, index: int, source: Path) -> Stage:
         raise RecipeError(f"{where}: give 'config' (a LightningCLI YAML) or inline 'model'/'data'/'trainer'")
     init_from = item.get("init_from")
     if isinstance(init_from, dict):
-        _unknown(init_from.keys(), INIT_KEYS, f"{where}: init_from")
+        reject_unknown(init_from.keys(), INIT_KEYS, f"{where}: init_from")
         if ("stage" in init_from) == ("path" in init_from):
             raise RecipeError(f"{where}: init_from needs exactly one of 'stage' or 'path'")
     elif init_from is not None and not isinstance(init_from, str):
@@ -178,7 +178,7 @@ def _check_upcycle_fields(spec: dict[str, Any], where: str) -> None:
     from unimoe.training.upcycle import upcycle_checkpoints
 
     known = [p for p in inspect.signature(upcycle_checkpoints).parameters if p not in ("out", "overwrite")]
-    _unknown(spec.keys(), known, f"{where}: upcycle")
+    reject_unknown(spec.keys(), known, f"{where}: upcycle")
     specialists = spec.get("specialists")
     if not isinstance(specialists, list) or not specialists:
         raise RecipeError(f"{where}: upcycle.specialists must be a non-empty list of stage names or checkpoint paths")
