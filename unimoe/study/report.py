@@ -84,7 +84,39 @@ def cell_summary(cell: Cell, study: Study) -> dict[str, Any]:
         metrics["params_total"] = float(sum(s["total"] for s in sizes))
         metrics["params_active"] = sum(s["active"] for s in sizes) / len(sizes)
         metrics["params_active_max"] = float(max(s["active_max"] for s in sizes))
-    return {"tasks": {t: s.name for t, s in sorted(serving.items())}, "metrics": metrics}
+    detail = {"codebook_losses": {}, "routing": {}}
+    for task, stage in sorted(serving.items()):
+        m = stage_metrics(stage.directory(root))
+        cbs = sorted((int(k.rsplit("cb", 1)[1]), v) for k, v in m.items() if k.startswith(f"val/loss/{task}/cb"))
+        if cbs:
+            detail["codebook_losses"][task] = [v for _, v in cbs]
+        shares = routing_shares(stage.directory(root)).get(task)
+        if shares:
+            detail["routing"][task] = shares
+    return {"tasks": {t: s.name for t, s in sorted(serving.items())}, "metrics": metrics, "detail": detail}
+
+
+def routing_shares(stage_dir: Path) -> dict[str, dict[str, float]]:
+    """Task -> share of its routed (token, expert) pairs per expert group, at the stage's last validation.
+
+    Groups are the expert labels before the dot (``tts.0``, ``tts.1`` -> ``tts``: the experts cut
+    from the tts specialist; ``null``; ``e3`` of a fresh MoE stays itself), summed over layers;
+    from the routing JSON that ``ExpertLoadMonitor`` writes (empty when it did not run).
+    """
+    files = sorted((stage_dir / "plots").glob("routing_val_step*.json"))
+    if not files:
+        return {}
+    data = read_json(files[-1])
+    labels = [str(x).split(".")[0] for x in data.get("experts", [])]
+    out: dict[str, dict[str, float]] = {}
+    for task, table in (data.get("tokens_per_expert_by_task") or {}).items():
+        sums: dict[str, float] = {}
+        for layer in table:
+            for label, count in zip(labels, layer):
+                sums[label] = sums.get(label, 0.0) + float(count)
+        total = sum(sums.values()) or 1.0
+        out[task] = {k: v / total for k, v in sums.items()}
+    return out
 
 
 def model_size(model: Path, metrics: dict[str, float]) -> dict[str, float]:
@@ -155,7 +187,44 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {key} | " + " | ".join(row) + " |")
     lines.append("| n | " + " | ".join(str(len(arms[n]["seeds"])) for n in names) + " |")
     lines += ["", "Arms:", ""] + [f"* **{n}**: {a['description'].strip()}" for n, a in arms.items()]
+    lines += _detail_tables(report)
     return "\n".join(lines) + "\n"
+
+
+def _seed_mean(rows: list) -> Any:
+    """Element-wise mean of equally shaped lists / dicts of numbers over seeds."""
+    if isinstance(rows[0], dict):
+        return {k: _seed_mean([r[k] for r in rows if k in r]) for k in rows[0]}
+    if isinstance(rows[0], list):
+        return [_seed_mean([r[i] for r in rows]) for i in range(min(len(r) for r in rows))]
+    return statistics.fmean(rows)
+
+
+def _detail_tables(report: dict[str, Any]) -> list[str]:
+    """Routing share per task (MoE arms) and per-codebook validation losses, seed means."""
+    lines: list[str] = []
+    by_arm: dict[str, list[dict]] = {}
+    for cell in report["cells"]:
+        by_arm.setdefault(cell["arm"], []).append(cell.get("detail") or {})
+    routing = {arm: _seed_mean([d["routing"] for d in rows]) for arm, rows in by_arm.items()
+               if rows and all(d.get("routing") for d in rows)}
+    for arm, tasks in routing.items():  # one table per arm: its expert groups are its own
+        groups = sorted({g for t in tasks.values() for g in t}, key=lambda g: (g == "null", g))
+        lines += ["", f"Routing of the `{arm}` final model at its last validation (share of each task's routed "
+                  "(token, expert) pairs per expert group, summed over layers; seed mean):", "",
+                  "| task | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
+        lines += [f"| {task} | " + " | ".join(f"{shares.get(g, 0.0):.2f}" for g in groups) + " |"
+                  for task, shares in tasks.items()]
+    codebooks = {arm: _seed_mean([d["codebook_losses"] for d in rows]) for arm, rows in by_arm.items()
+                 if rows and all(d.get("codebook_losses") for d in rows)}
+    if codebooks:
+        width = max(len(v) for c in codebooks.values() for v in c.values())
+        lines += ["", "Validation loss per codebook (seed mean):", "",
+                  "| arm | task | " + " | ".join(f"cb{k}" for k in range(width)) + " |", "|---" * (width + 2) + "|"]
+        for arm, tasks in codebooks.items():
+            for task, values in tasks.items():
+                lines.append(f"| {arm} | {task} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+    return lines
 
 
 def _key_order(key: str) -> tuple:
