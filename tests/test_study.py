@@ -235,6 +235,12 @@ def test_the_shipped_study_shares_the_specialists_and_matches_steps():
 
     total = steps(cells["curriculum"])
     assert all(steps(cells[a]) == total for a in ("dense_joint", "moe_scratch", "dense_balanced"))
+    from unimoe.training.curriculum.compose import validate_stage_config
+
+    for cell in cells.values():  # every stage parses with the real LightningCLI parser (nothing is built)
+        for stage in cell.stages():
+            if stage.kind == "fit":
+                validate_stage_config(compose_stage(cell.curriculum, stage), stage)
     big = load_study(RECIPES / "studies" / "curriculum.yaml", data_root="/data/demo", scale=2)
     assert steps(next(c for c in big.cells if c.arm.name == "curriculum")) == pytest.approx(2 * total, abs=3)
 
