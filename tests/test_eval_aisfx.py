@@ -47,7 +47,7 @@ def corpus(tmp_path_factory):
         pytest.skip("needs espeak-ng and fluidsynth")
     from unimoe.data.demo.build import DemoConfig, build_demo_corpus
 
-    cfg = DemoConfig(speech_clips=24, t2m_clips=32, v2m_clips=0, music_test_clips=0, speakers=4, seed=11,
+    cfg = DemoConfig(speech_clips=24, t2m_clips=32, v2m_clips=0, music_test_clips=0, music_val_clips=0, speakers=4, seed=11,
                      music_min_seconds=6.0, music_max_seconds=8.0)
     report = build_demo_corpus(tmp_path_factory.mktemp("aisfx-corpus"), cfg, workers=2, progress=False)
     return {"speech": [Path(e.audio) for e in report.entries if e.task == "tts"],
