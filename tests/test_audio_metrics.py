@@ -22,6 +22,7 @@ from unimoe.evaluation.runner import run_suite
 from unimoe.evaluation.suite import load_suite
 from unimoe.model.config import AudioLMConfig
 from unimoe.training.callbacks import AudioSamples, StageFinalizer
+from unimoe.training.callbacks import audio_metrics
 from unimoe.training.stages import SpecialistStage
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -40,6 +41,12 @@ class MissingEmbedder(AudioEmbedder):
 
     def embed_frames(self, wav):  # pragma: no cover - never built
         raise AssertionError
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings(monkeypatch):
+    """Each test sees a process in which no backend has been reported unavailable yet."""
+    monkeypatch.setattr(audio_metrics, "_REPORTED", set())
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +130,9 @@ def test_a_missing_backend_is_reported_once_its_fallback_is_scored_and_training_
     samples = AudioSamples(per_task=2, tasks=["t2m", "v2m"], settings=GEN, metrics={"suite": str(suite)})
     with caplog.at_level(logging.WARNING, logger="unimoe.training"):
         logger = fit(data, tmp_path, samples, steps=6, every=2)  # three validations
+        # a second stage in the same process (an in-process curriculum) does not warn again
+        again = AudioSamples(per_task=2, tasks=["t2m"], settings=GEN, metrics={"suite": str(suite)})
+        fit(data, tmp_path / "next", again, steps=2, every=2)
     assert (tmp_path / "final.ckpt").is_file()  # training completed
     rows = logged(logger)
     assert len(rows) == 3
@@ -132,8 +142,10 @@ def test_a_missing_backend_is_reported_once_its_fallback_is_scored_and_training_
     warnings = [r.getMessage() for r in caplog.records if "is unavailable" in r.getMessage()]
     assert len(warnings) == 2  # one per missing entry, never repeated
     assert any("fad_missing" in w and "fallback fad_mel_stats" in w for w in warnings)
-    assert MissingEmbedder.attempts == 2  # built once per entry, then never retried
-    assert set(samples._scorer.unavailable) == {"fad_missing", "kl_missing"}
+    assert MissingEmbedder.attempts == 2 + 2  # built once per entry and stage, then never retried
+    assert set(samples._scorer.unavailable) == set(again._scorer.unavailable) == {"fad_missing", "kl_missing"}
+    report = json.loads(next((tmp_path / "next" / "samples").glob("step*/results.json")).read_text())
+    assert {m["key"] for m in report["metrics"] if m["unavailable"]} == {"fad_missing", "kl_missing"}
 
 
 def test_scoring_settings_are_checked_before_training(data, tmp_path):

@@ -34,6 +34,9 @@ from unimoe.evaluation.suite import MetricSpec, Suite, load_suite
 log = logging.getLogger("unimoe.training")
 
 METRIC_PREFIX = "val/audio"
+#: (key, backend) pairs already reported unavailable in this process: the stages of an
+#: in-process curriculum each have their own scorer, but a missing backend is warned about once.
+_REPORTED: set[tuple[str, str]] = set()
 
 
 @dataclass
@@ -104,9 +107,11 @@ class ValidationScorer:
             self.unavailable[result.key] = result.error or result.unavailable
             spec = next((m for m in self.suite.metrics if m.key == result.key), None)
             replacement = spec.fallback if spec is not None else None
-            log.warning("audio metric %s (backend %s) is %s: %s. Training continues without it%s; "
-                        "this is reported once.", result.key, result.backend, result.unavailable, result.error,
-                        f", scoring the fallback {replacement.key} instead" if replacement else "")
+            if (result.key, result.backend) not in _REPORTED:
+                _REPORTED.add((result.key, result.backend))
+                log.warning("audio metric %s (backend %s) is %s: %s. Training continues without it%s; "
+                            "this is reported once.", result.key, result.backend, result.unavailable, result.error,
+                            f", scoring the fallback {replacement.key} instead" if replacement else "")
             if spec is not None:
                 index = self.suite.metrics.index(spec)
                 self.suite.metrics[index: index + 1] = [replacement] if replacement else []
