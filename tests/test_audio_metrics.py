@@ -133,7 +133,7 @@ def test_a_missing_backend_is_reported_once_its_fallback_is_scored_and_training_
         # a second stage in the same process (an in-process curriculum) does not warn again
         again = AudioSamples(per_task=2, tasks=["t2m"], settings=GEN, metrics={"suite": str(suite)})
         fit(data, tmp_path / "next", again, steps=2, every=2)
-    assert (tmp_path / "final.ckpt").is_file()  # training completed
+    assert (tmp_path / "final" / "config.json").is_file()  # training completed: the final model folder
     rows = logged(logger)
     assert len(rows) == 3
     for row in rows:
