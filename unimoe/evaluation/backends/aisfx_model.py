@@ -12,7 +12,7 @@ and its loader needs ``torch.load(weights_only=False)``, so unimoe installs it w
 * :func:`load_checkpoint` - the file is a ``(state_dict, {dataset: (head index, classes)})``
   tuple whose head indices are numpy int64 scalars. ``torch.load(weights_only=True)``
   refuses those, so we allow-list exactly numpy's scalar constructor and the int64 dtype
-  (:data:`_NUMPY_SCALAR_GLOBALS`) for this one call; every other global (functions,
+  (:func:`numpy_scalar_globals`) for this one call; every other global (functions,
   arbitrary classes) is still refused by torch's weights-only unpickler, so loading can
   not run code from the file.
 * :class:`AisfxMel` - aiSFX's librosa front end (``aisfx.spectrogram.spectrogram_librosa``):
@@ -50,14 +50,15 @@ SPEC_MAX = 9.457798957824707  # aisfx.preprocessing.spectrogram_normalize(spec_n
 INSTALL = "pip install --no-deps aisfx==0.1.2 (scripts/setup.sh does this)"
 
 
-def _numpy_scalar_globals() -> list[Any]:
+def numpy_scalar_globals() -> list[Any]:
     """What the aiSFX checkpoint needs beyond tensors: numpy int64 scalars (its head indices).
 
-    The pickle names the constructor ``numpy.core.multiarray.scalar``; numpy 2 moved it to
-    ``numpy._core``, so it is allow-listed under the name the file uses.
+    The aiSFX pickle names the constructor ``numpy.core.multiarray.scalar``; numpy 2 moved it
+    to ``numpy._core`` (the name files written today use), so it is allow-listed under both.
     """
     core = getattr(np, "_core", None) or np.core
-    return [(core.multiarray.scalar, "numpy.core.multiarray.scalar"), np.dtype, type(np.dtype(np.int64))]
+    scalar = core.multiarray.scalar  # a file written under numpy 2 names it numpy._core.multiarray.scalar
+    return [(scalar, "numpy.core.multiarray.scalar"), scalar, np.dtype, type(np.dtype(np.int64))]
 
 
 def packaged_checkpoint() -> Path:
@@ -79,7 +80,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if not path.is_file():
         raise BackendUnavailableError(f"aiSFX checkpoint not found: {path}")
     try:
-        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+        with torch.serialization.safe_globals(numpy_scalar_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, or a global outside the allow-list
         raise BackendUnavailableError(f"could not load the aiSFX checkpoint {path}: {exc}") from exc

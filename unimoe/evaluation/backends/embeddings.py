@@ -33,7 +33,7 @@ class Aisfx(AudioEmbedder, AudioClassifier):
     Weights: the ``aisfx`` package's ``models/checkpoint.pth`` (install it with
     ``pip install --no-deps aisfx==0.1.2``; licence CC BY 4.0), or ``checkpoint``. Front
     end and model are re-implemented in :mod:`aisfx_model` (the package's own code pins
-    old numpy/librosa and loads with ``weights_only=False``).
+    old numpy/librosa and unpickles arbitrary objects; unimoe reads it with ``weights_only=True``).
 
     Args:
         head: the dataset head whose classes KL compares (default ``prosfx``, 78 classes
@@ -208,7 +208,7 @@ class PannsCnn14(AudioEmbedder, AudioClassifier):
             net = models.Cnn14(sample_rate=32000, window_size=1024, hop_size=320, mel_bins=64, fmin=50,
                                fmax=14000, classes_num=527)
         if not random_init:
-            state = torch.load(self.checkpoint, map_location="cpu", weights_only=False)
+            state = _load_panns_weights(path)
             net.load_state_dict(state.get("model", state))
         self._net = net.to(self.device).eval()
 
@@ -254,3 +254,20 @@ class OpenL3(AudioEmbedder):
         emb, _ = self._openl3.get_audio_embedding(wav, self.sample_rate, model=self._model, hop_size=self.hop_s,
                                                   verbose=False)
         return np.asarray(emb, dtype=np.float64)
+
+
+def _load_panns_weights(path: Path) -> dict:
+    """The PANNs checkpoint (``{"model": state_dict, ...}``) read with ``weights_only=True``
+    (numpy scalars allowed, as in the training-loop counters some releases carry): a file
+    that needs anything else is refused rather than unpickled."""
+    try:
+        with torch.serialization.safe_globals(aisfx_model.numpy_scalar_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, or a pickled global outside the allow-list
+        from unimoe.checkpoint import _unpickling_reason
+
+        raise BackendUnavailableError(f"could not load the PANNs Cnn14 weights {path} with weights_only=True "
+                                      f"(tensors and plain data only): {_unpickling_reason(exc)}") from exc
+    if not isinstance(state, dict):
+        raise BackendUnavailableError(f"{path} is not a PANNs checkpoint: it holds a {type(state).__name__}, not a mapping")
+    return state
