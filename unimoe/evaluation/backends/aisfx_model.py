@@ -6,7 +6,7 @@ The PyPI package ``aisfx`` 0.1.2 ships a trained sound-effects model in
 log-mel block of 100 frames (~2.3 s at 44.1 kHz) to a 512-d embedding, plus one
 classification head per training dataset (``prosfx`` 78 classes, ``soundlyTrain`` 79, ...;
 the class names are not shipped). The package's metadata pins numpy 1.23 / librosa 0.9.2
-and its loader needs ``torch.load(weights_only=False)``, so unimoe installs it with
+and its loader needs torch.load's unsafe full unpickling, so unimoe installs it with
 ``--no-deps`` for the file only and re-implements the few pieces it needs here:
 
 * :func:`load_checkpoint` - the file is a ``(state_dict, {dataset: (head index, classes)})``
