@@ -6,6 +6,7 @@ import signal
 from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
 
 
 class KillOnce(Callback):
@@ -27,6 +28,28 @@ class KillOnce(Callback):
             return
         self.marker.write_text(json.dumps({"killed_at_step": trainer.global_step}))
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class MemoryLogger(Logger):
+    """Keeps every ``log_metrics`` call as ``(step, metrics)`` and the hyperparameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows, self.params = [], {}
+
+    @property
+    def name(self):
+        return "memory"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        self.params.update(params if isinstance(params, dict) else vars(params))
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append((step, dict(metrics)))
 
 
 # ---------------------------------------------------------------------- tiny real data
@@ -57,7 +80,7 @@ def tiny_data(base: Path) -> Path:
         from unimoe.data.tokenize import tokenize_manifest
 
         cfg = DemoConfig(speech_clips=24, t2m_clips=6, v2m_clips=5, speakers=2, speech_max_seconds=2.5,
-                         music_min_seconds=2.0, music_max_seconds=3.0)
+                         music_min_seconds=2.0, music_max_seconds=3.0, music_test_clips=0, music_val_clips=1)
         build_demo_corpus(root / "corpus", cfg, progress=False)
         codec_cfg = SpectralRVQConfig(hop_length=640, n_fft=1280, n_mels=40, num_codebooks=4, codebook_size=16)
         codec = fit_spectral_rvq([root / "corpus" / "manifests" / "all.jsonl"], codec_cfg, max_frames=3000,
