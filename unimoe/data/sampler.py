@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -105,6 +105,21 @@ def _largest_remainder(probabilities: Sequence[float], total: int) -> list[int]:
     for i in order[: total - sum(base)]:
         base[i] += 1
     return base
+
+
+class Draw(NamedTuple):
+    """One example drawn for training: its global ``index``, the ``epoch`` and the draw's
+    ``position`` in that epoch's stream of draws (before batching).
+
+    Every random choice made for the example (the CFG condition drop) is derived from
+    ``(seed, epoch, position, index)``, so it is the same in a resumed run, with any number
+    of DataLoader workers and on any rank; an example drawn twice in an epoch gets two
+    independent choices.
+    """
+
+    index: int
+    epoch: int
+    position: int
 
 
 class _EpochState:
@@ -239,6 +254,10 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
     ``shuffle``. With ``num_replicas`` > 1 every rank gets the same number of batches
     (``drop_last`` drops the remainder, otherwise the first batches are repeated).
 
+    With ``draws=True`` a batch is a list of :class:`Draw` (index, epoch, position in the
+    epoch's draws) instead of plain indices, for datasets that derive per-example randomness
+    from it (:class:`~unimoe.data.dataset.DrawnDataset`).
+
     An example longer than ``max_tokens`` cannot form any batch: ``oversize="error"``
     (default) refuses at construction, naming it; ``"skip"`` leaves it out and counts it
     in ``num_oversize``.
@@ -265,8 +284,10 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         oversize: str = "error",
         names: Sequence[str] | None = None,
+        draws: bool = False,
     ) -> None:
         self.sampler = sampler
+        self.draws = draws
         self.lengths = np.asarray(lengths, dtype=np.int64)
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
@@ -290,7 +311,7 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         fitting = self.lengths[self.lengths <= max_tokens]
         qs = np.linspace(0, 1, max(1, num_buckets) + 1)[1:-1]
         self.boundaries = np.unique(np.quantile(fitting, qs).astype(np.int64)) if fitting.size else np.zeros(0, np.int64)
-        self._cache: tuple[int, list[list[int]]] | None = None
+        self._cache: tuple[int, list[list[int]], list[list[int]]] | None = None
         self._digest: tuple[int, str] | None = None
         # the latest iteration: epoch, first position, batches yielded so far (incl. skipped), plan
         self._record: dict[str, Any] | None = None
@@ -311,35 +332,44 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
 
     def _all_batches(self) -> list[list[int]]:
         """Every rank's batches for the current epoch (identical on all ranks)."""
+        return self._plan()[0]
+
+    def _plan(self) -> tuple[list[list[int]], list[list[int]]]:
+        """The epoch's batches and, alongside, each index's position in the sampler's stream."""
         epoch = self.epoch
         if self._cache is not None and self._cache[0] == epoch:
-            return self._cache[1]
-        buckets: dict[int, list[int]] = {}
+            return self._cache[1], self._cache[2]
+        buckets: dict[int, tuple[list[int], list[int]]] = {}
         longest: dict[int, int] = {}
-        batches: list[list[int]] = []
-        for index in self.sampler:
+        batches: list[tuple[list[int], list[int]]] = []
+        for position, index in enumerate(self.sampler):
             if index in self.oversize:
                 continue
             length = int(self.lengths[index])
             b = int(np.searchsorted(self.boundaries, length, side="left"))
-            current = buckets.setdefault(b, [])
+            current = buckets.setdefault(b, ([], []))
             new_max = max(longest.get(b, 0), length)
-            full = self.max_batch_size is not None and len(current) >= self.max_batch_size
-            if current and ((len(current) + 1) * new_max > self.max_tokens or full):
+            full = self.max_batch_size is not None and len(current[0]) >= self.max_batch_size
+            if current[0] and ((len(current[0]) + 1) * new_max > self.max_tokens or full):
                 batches.append(current)
-                current = buckets[b] = []
+                current = buckets[b] = ([], [])
                 new_max = length
-            current.append(index)
+            current[0].append(index)
+            current[1].append(position)
             longest[b] = new_max
-        batches.extend(buckets[b] for b in sorted(buckets) if buckets[b])
+        batches.extend(buckets[b] for b in sorted(buckets) if buckets[b][0])
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch, 3]).permutation(len(batches))
             batches = [batches[i] for i in order]
-        self._cache = (epoch, batches)
-        return batches
+        indices, positions = [b[0] for b in batches], [b[1] for b in batches]
+        self._cache = (epoch, indices, positions)
+        return indices, positions
 
     def _rank_batches(self) -> list[list[int]]:
-        batches = self._all_batches()
+        return self._for_rank(self._all_batches())
+
+    def _for_rank(self, batches: list) -> list:
+        """This rank's share of the epoch's batch list (or of any list parallel to it)."""
         R = self.num_replicas
         if R == 1:
             return batches
@@ -351,15 +381,19 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
                 batches = batches + [batches[i % len(batches)] for i in range(per_rank * R - len(batches))]
         return batches[self.rank: per_rank * R: R]
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[int]] | Iterator[list[Draw]]:
         batches = self._rank_batches()
+        positions = self._for_rank(self._plan()[1]) if self.draws else None
         epoch = self.epoch
         start = self._resume_position(epoch, len(batches))
         record = self._record = {"epoch": epoch, "start": start, "yielded": start, "num_batches": len(batches),
                                  "plan": self.plan_digest()}
         for i in range(start, len(batches)):
             record["yielded"] = i + 1
-            yield batches[i]
+            if positions is None:
+                yield batches[i]
+            else:
+                yield [Draw(index, epoch, position) for index, position in zip(batches[i], positions[i])]
 
     def __len__(self) -> int:
         return len(self._rank_batches())

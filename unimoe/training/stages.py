@@ -35,6 +35,7 @@ from unimoe.model.transformer import AudioLM
 from unimoe.moe.losses import AuxLossSchedule, aux_loss
 from unimoe.moe.stats import RoutingInfo, mean_over_layers
 from unimoe.registry import ComponentSpec
+from unimoe.training.determinism import step_randomness
 from unimoe.training.init_from import InitFrom, InitReport, load_initial_weights, read_init_checkpoint
 from unimoe.training.metrics import DEFAULT_DOMAINS, TaskLossAccumulator
 from unimoe.training.optim import OptimizerConfig, build_optimizer
@@ -193,7 +194,9 @@ class StageModule(L.LightningModule):
         return self.model(batch, logits="none")
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        out = self.model(batch, logits="none")
+        epoch, rank = (self.trainer.current_epoch, self.trainer.global_rank) if self._trainer is not None else (0, 0)
+        with step_randomness(self.hparams.seed, epoch, batch_idx, rank, self.device):  # router jitter: resumable
+            out = self.model(batch, logits="none")
         step = self.trainer.global_step if self._trainer is not None else 0
         aux, weight = self.aux_loss(out.routing, step)
         loss = out.loss + aux
