@@ -112,7 +112,10 @@ def model_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 def save_model_checkpoint(path: str | Path, model: torch.nn.Module, metadata: CheckpointMetadata) -> Path:
     """Write a standalone model checkpoint (same layout as a stage's Lightning checkpoint)."""
+    from unimoe.finite import check_finite_weights
+
     path = Path(path)
+    check_finite_weights(model.state_dict(), str(path))  # a NaN checkpoint never replaces a good one
     payload = {
         "state_dict": {MODEL_PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()},
         METADATA_KEY: metadata.to_dict(),

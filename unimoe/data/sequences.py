@@ -110,7 +110,9 @@ class SequenceMaker:
     def __call__(self, examples: list[Example]):
         from unimoe.model.tasks import collate
 
-        return collate([self.sequence(e) for e in examples], pad_to_multiple_of=self.pad_to_multiple_of)
+        batch = collate([self.sequence(e) for e in examples], pad_to_multiple_of=self.pad_to_multiple_of)
+        batch.example_ids = tuple(e.id for e in examples)  # named by the non-finite guard's messages
+        return batch
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

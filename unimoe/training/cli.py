@@ -6,7 +6,8 @@ Defaults a user would otherwise wire by hand on every run:
   is how every curriculum stage logs into one experiment at the curriculum root.
 - ``ModelCheckpoint`` into ``<default_root_dir>/checkpoints`` with ``last.ckpt`` always kept,
   so a killed run resumes with ``--ckpt_path <dir>/checkpoints/last.ckpt``; and
-  ``StageFinalizer``: ``<default_root_dir>/final.ckpt`` when training ends normally.
+  ``StageFinalizer``: ``<default_root_dir>/final.ckpt`` when training ends normally; and
+  ``NonFiniteGuard``: a step with a NaN/inf loss or gradient is skipped (10 at most, then stop).
 - A rich progress bar over the stage's optimizer steps (``StepProgressBar``), and the resolved
   config saved next to the checkpoints and in MLflow.
 - Plug-ins from installed packages are imported before parsing, so YAML may name their
@@ -96,7 +97,7 @@ class UniMoECLI(LightningCLI):
                     args["init_from"] = None  # resumed weights come from ckpt_path, not from init_from
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        from unimoe.training.callbacks import StageFinalizer, StepProgressBar
+        from unimoe.training.callbacks import NonFiniteGuard, StageFinalizer, StepProgressBar
 
         config = self._get(self.config_init, "trainer", default={})
         run_dir = Path(config.get("default_root_dir") or DEFAULT_RUN_DIR)
@@ -117,6 +118,8 @@ class UniMoECLI(LightningCLI):
             callbacks.append(ModelCheckpoint(dirpath=str(run_dir / CHECKPOINT_SUBDIR), save_last=True))
         if checkpointing and not any(isinstance(c, StageFinalizer) for c in callbacks):
             callbacks.append(StageFinalizer())
+        if not any(isinstance(c, NonFiniteGuard) for c in callbacks):
+            callbacks.append(NonFiniteGuard())
         if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(StepProgressBar())
         kwargs["callbacks"] = callbacks

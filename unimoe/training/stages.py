@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from unimoe.checkpoint import METADATA_KEY, CheckpointMetadata, config_from_dict, config_to_dict
+from unimoe.finite import check_finite_weights
 from unimoe.model.config import AudioLMConfig
 from unimoe.model.tasks import TASK_IDS, Batch
 from unimoe.model.transformer import AudioLM
@@ -277,6 +278,10 @@ class StageModule(L.LightningModule):
                                   tasks=dict(self.task_args), extra=extra)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        step = self.trainer.global_step if self._trainer is not None else 0
+        reduce = ((lambda t: self.trainer.strategy.reduce(t.to(self.device), reduce_op="sum"))
+                  if self._trainer is not None and self.trainer.world_size > 1 else None)
+        check_finite_weights(checkpoint.get("state_dict", {}), f"a checkpoint of {type(self).__name__} at step {step}", reduce)
         checkpoint[METADATA_KEY] = self.metadata().to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -1,13 +1,17 @@
-"""Training callbacks: routing monitoring, audio samples, and the final checkpoint of a stage."""
+"""Training callbacks: routing monitoring, audio samples, the final checkpoint of a stage, and
+the non-finite guard."""
 
 from unimoe.training.callbacks.audio_samples import AudioSamples
 from unimoe.training.callbacks.expert_load import ExpertLoadMonitor, RoutingTotals, expert_labels_for
 from unimoe.training.callbacks.finalize import DONE_MARKER, FINAL_CHECKPOINT, FINAL_METRICS, StageFinalizer
+from unimoe.training.callbacks.nonfinite import NonFiniteGuard, NonFiniteTrainingError
 from unimoe.training.callbacks.progress import StepProgressBar
 
 __all__ = [
     "AudioSamples",
     "ExpertLoadMonitor",
+    "NonFiniteGuard",
+    "NonFiniteTrainingError",
     "RoutingTotals",
     "StageFinalizer",
     "StepProgressBar",
