@@ -35,6 +35,7 @@ from unimoe.data.shards import (
     codec_record, load_shard, save_shard, shard_name, write_json,
 )
 from unimoe.data.video import VideoFileError, load_video
+from unimoe.locks import FolderLock
 from unimoe.registry import ComponentSpec
 
 SKIP_REASONS = ("unreadable", "silent", "too short", "too long", "missing prompt", "unusable prompt", "unusable video")
@@ -261,35 +262,6 @@ def _import_optional(module: str) -> None:
 
 
 # ---------------------------------------------------------------------- the run
-class _DirLock:
-    """One tokenisation per output folder; a lock left by a dead process is taken over."""
-
-    def __init__(self, out: Path):
-        self.path = out / ".tokenize.lock"
-
-    def __enter__(self):
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                os.write(fd, str(os.getpid()).encode())
-                os.close(fd)
-                return self
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().strip() or 0)
-                    os.kill(pid, 0)
-                except (ValueError, ProcessLookupError, FileNotFoundError):
-                    self.path.unlink(missing_ok=True)  # stale: its owner is gone
-                    continue
-                except PermissionError:
-                    pass
-                raise ShardError(f"{self.path.parent} is being tokenised by process {pid}; wait for it or stop it")
-        raise ShardError(f"cannot lock {self.path}")
-
-    def __exit__(self, *exc):
-        self.path.unlink(missing_ok=True)
-
-
 def tokenize_manifest(
     manifest: str | Path,
     codec: ComponentSpec | Any,
@@ -309,7 +281,12 @@ def tokenize_manifest(
     """
     cfg = config or TokenizeConfig()
     manifest, out = Path(manifest).resolve(), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out):  # one writer per shard folder (FolderInUseError names the other)
+        return _tokenize(manifest, codec, out, cfg, workers, overwrite, progress)
+
+
+def _tokenize(manifest: Path, codec: ComponentSpec | Any, out: Path, cfg: TokenizeConfig, workers: int,
+              overwrite: bool, progress: bool) -> TokenizeReport:
     start = time.perf_counter()
     numbered, problems = check_manifest(manifest)
     if problems:
@@ -322,44 +299,43 @@ def tokenize_manifest(
     run_info = json.loads(json.dumps({**settings, "manifest": str(manifest),  # JSON form, as stored
                                       "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest()}))
 
-    with _DirLock(out):
-        _check_settings(out, run_info, overwrite)
-        (out / INDEX_FILE).unlink(missing_ok=True)  # the folder is incomplete until the end
-        for stale in out.glob(".shard-*.pt.tmp-*"):
-            stale.unlink()  # half-written by a killed run; never read
-        write_json(out / SETTINGS_FILE, run_info)
+    _check_settings(out, run_info, overwrite)
+    (out / INDEX_FILE).unlink(missing_ok=True)  # the folder is incomplete until the end
+    for stale in out.glob(".shard-*.pt.tmp-*"):
+        stale.unlink()  # half-written by a killed run; never read
+    write_json(out / SETTINGS_FILE, run_info)
 
-        jobs = []
-        for k in range(0, len(numbered), cfg.shard_size):
-            chunk = numbered[k: k + cfg.shard_size]
-            lines, entries = [n for n, _ in chunk], [e for _, e in chunk]
-            jobs.append(_ShardJob(len(jobs), lines, entries, _fingerprint(lines, entries, settings)))
-        for extra in out.glob("shard-*.pt"):
-            if int(extra.stem.split("-")[1]) >= len(jobs):
-                extra.unlink()  # from a longer manifest (only reachable with overwrite)
+    jobs = []
+    for k in range(0, len(numbered), cfg.shard_size):
+        chunk = numbered[k: k + cfg.shard_size]
+        lines, entries = [n for n, _ in chunk], [e for _, e in chunk]
+        jobs.append(_ShardJob(len(jobs), lines, entries, _fingerprint(lines, entries, settings)))
+    for extra in out.glob("shard-*.pt"):
+        if int(extra.stem.split("-")[1]) >= len(jobs):
+            extra.unlink()  # from a longer manifest (only reachable with overwrite)
 
-        summaries: dict[int, dict[str, Any]] = {}
-        pending = []
-        for job in jobs:
-            existing = _reusable(out / shard_name(job.index), job.fingerprint)
-            if existing is not None:
-                summaries[job.index] = existing
-            else:
-                pending.append(job)
-        done_items = sum(len(jobs[i].entries) for i in summaries)
-        _run_jobs(pending, codec, main_codec, cfg, out, codec_info, workers, progress, len(numbered), done_items, summaries)
+    summaries: dict[int, dict[str, Any]] = {}
+    pending = []
+    for job in jobs:
+        existing = _reusable(out / shard_name(job.index), job.fingerprint)
+        if existing is not None:
+            summaries[job.index] = existing
+        else:
+            pending.append(job)
+    done_items = sum(len(jobs[i].entries) for i in summaries)
+    _run_jobs(pending, codec, main_codec, cfg, out, codec_info, workers, progress, len(numbered), done_items, summaries)
 
-        ordered = [summaries[j.index] for j in jobs]
-        skipped = [s for summary in ordered for s in summary["skipped"]]
-        write_text_atomic(out / SKIPPED_FILE, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in skipped))
-        rows = [row for summary in ordered for row in summary["items"]]
-        columns = {key: [row[key] for row in rows] for key in (rows[0] if rows else {})}
-        write_json(out / INDEX_FILE, {
-            "format": SHARD_FORMAT + "-index", "version": SHARD_VERSION, "codec": codec_info, "config": asdict(cfg),
-            "manifest": str(manifest), "num_items": len(rows),
-            "shards": [{"file": shard_name(s["shard"]), "items": len(s["items"]), "skipped": len(s["skipped"])} for s in ordered],
-            "skipped": dict(Counter(s["reason"] for s in skipped)), "items": columns,
-        })
+    ordered = [summaries[j.index] for j in jobs]
+    skipped = [s for summary in ordered for s in summary["skipped"]]
+    write_text_atomic(out / SKIPPED_FILE, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in skipped))
+    rows = [row for summary in ordered for row in summary["items"]]
+    columns = {key: [row[key] for row in rows] for key in (rows[0] if rows else {})}
+    write_json(out / INDEX_FILE, {
+        "format": SHARD_FORMAT + "-index", "version": SHARD_VERSION, "codec": codec_info, "config": asdict(cfg),
+        "manifest": str(manifest), "num_items": len(rows),
+        "shards": [{"file": shard_name(s["shard"]), "items": len(s["items"]), "skipped": len(s["skipped"])} for s in ordered],
+        "skipped": dict(Counter(s["reason"] for s in skipped)), "items": columns,
+    })
     return TokenizeReport(out, len(jobs), len(pending), len(jobs) - len(pending), len(rows), skipped,
                           time.perf_counter() - start, codec_info)
 

@@ -8,6 +8,7 @@ Defaults a user would otherwise wire by hand on every run:
   so a killed run resumes with ``--ckpt_path <dir>/checkpoints/last.ckpt``; and
   ``StageFinalizer``: ``<default_root_dir>/final.ckpt`` when training ends normally; and
   ``NonFiniteGuard``: a step with a NaN/inf loss or gradient is skipped (10 at most, then stop).
+- ``fit`` locks its run directory (:mod:`unimoe.locks`): a second run on it refuses, naming the first.
 - A rich progress bar over the stage's optimizer steps (``StepProgressBar``), and the resolved
   config saved next to the checkpoints and in MLflow.
 - Plug-ins from installed packages are imported before parsing, so YAML may name their
@@ -36,6 +37,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
+from unimoe.locks import FolderInUseError, FolderLock
 from unimoe.training.run_logging import RunConfigSaver, mlflow_logger_for
 
 DEFAULT_RUN_DIR = "runs/default"
@@ -96,11 +98,21 @@ class UniMoECLI(LightningCLI):
                 if args is not None and hasattr(args, "get") and args.get("init_from") is not None:
                     args["init_from"] = None  # resumed weights come from ckpt_path, not from init_from
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.run_lock: FolderLock | None = None
+        try:
+            super().__init__(*args, **kwargs)
+        finally:  # the subcommand has run (or failed): the run folder is free again
+            if self.run_lock is not None:
+                self.run_lock.release()
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         from unimoe.training.callbacks import NonFiniteGuard, StageFinalizer, StepProgressBar
 
         config = self._get(self.config_init, "trainer", default={})
         run_dir = Path(config.get("default_root_dir") or DEFAULT_RUN_DIR)
+        if self.config.get("subcommand") == "fit":  # before the logger or any callback touches the folder
+            self.run_lock = FolderLock(run_dir).acquire()
         kwargs.setdefault("default_root_dir", str(run_dir))
         if config.get("logger") in (None, True):
             resume = bool(self._get(self.config, "ckpt_path"))
@@ -176,7 +188,7 @@ def run_lightning_cli(argv: list[str]) -> int:
 
     try:
         build_cli(prepare_argv(argv))
-    except (ConfigError, RecipeError) as exc:
+    except (ConfigError, RecipeError, FolderInUseError) as exc:
         print(f"unimoe {argv[0] if argv else 'fit'}: error: {exc}", file=sys.stderr)
         return 2
     return 0
