@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import torch
 
-from unimoe.atomic import write_text_atomic
+from unimoe.atomic import OutputWriteError, write_text_atomic
 from unimoe.audio import AudioFileError, load_audio
 from unimoe.data.manifest import ManifestEntry, ManifestError, check_manifest
 from unimoe.data.shards import (
@@ -300,20 +300,14 @@ def _tokenize(manifest: Path, codec: ComponentSpec | Any, out: Path, cfg: Tokeni
                                       "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest()}))
 
     _check_settings(out, run_info, overwrite)
-    (out / INDEX_FILE).unlink(missing_ok=True)  # the folder is incomplete until the end
     for stale in out.glob(".shard-*.pt.tmp-*"):
         stale.unlink()  # half-written by a killed run; never read
-    write_json(out / SETTINGS_FILE, run_info)
 
     jobs = []
     for k in range(0, len(numbered), cfg.shard_size):
         chunk = numbered[k: k + cfg.shard_size]
         lines, entries = [n for n, _ in chunk], [e for _, e in chunk]
         jobs.append(_ShardJob(len(jobs), lines, entries, _fingerprint(lines, entries, settings)))
-    for extra in out.glob("shard-*.pt"):
-        if int(extra.stem.split("-")[1]) >= len(jobs):
-            extra.unlink()  # from a longer manifest (only reachable with overwrite)
-
     summaries: dict[int, dict[str, Any]] = {}
     pending = []
     for job in jobs:
@@ -322,6 +316,14 @@ def _tokenize(manifest: Path, codec: ComponentSpec | Any, out: Path, cfg: Tokeni
             summaries[job.index] = existing
         else:
             pending.append(job)
+    extras = [p for p in out.glob("shard-*.pt") if int(p.stem.split("-")[1]) >= len(jobs)]
+    if pending or extras:
+        # the folder is incomplete until the end; a re-run with nothing to do keeps the index
+        # (a full disk or a kill while it rewrites the same content never leaves the folder unusable)
+        (out / INDEX_FILE).unlink(missing_ok=True)
+    write_json(out / SETTINGS_FILE, run_info)
+    for extra in extras:
+        extra.unlink()  # from a longer manifest (only reachable with overwrite)
     done_items = sum(len(jobs[i].entries) for i in summaries)
     _run_jobs(pending, codec, main_codec, cfg, out, codec_info, workers, progress, len(numbered), done_items, summaries)
 
@@ -393,6 +395,8 @@ def _run_jobs(pending, codec_spec, main_codec, cfg, out, codec_info, workers, pr
                         job = futures[future]
                         try:
                             summaries[job.index] = future.result()
+                        except OutputWriteError:
+                            raise  # names the shard file already (disk full, read-only folder)
                         except Exception as exc:
                             raise RuntimeError(f"encoding shard {job.index} (manifest lines {job.lines[0]}-{job.lines[-1]}) failed: {exc}") from exc
             except BaseException:

@@ -8,6 +8,8 @@ Defaults a user would otherwise wire by hand on every run:
   so a killed run resumes with ``--ckpt_path <dir>/checkpoints/last.ckpt``; and
   ``StageFinalizer``: ``<default_root_dir>/final.ckpt`` when training ends normally; and
   ``NonFiniteGuard``: a step with a NaN/inf loss or gradient is skipped (10 at most, then stop).
+- Checkpoints written next to their target and renamed (``AtomicCheckpointIO``): a kill or a full
+  disk never truncates ``last.ckpt``.
 - ``fit`` locks its run directory (:mod:`unimoe.locks`): a second run on it refuses, naming the first.
 - A rich progress bar over the stage's optimizer steps (``StepProgressBar``), and the resolved
   config saved next to the checkpoints and in MLflow.
@@ -36,8 +38,10 @@ import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 
 from unimoe.locks import FolderInUseError, FolderLock
+from unimoe.training.checkpoint_io import AtomicCheckpointIO
 from unimoe.training.run_logging import RunConfigSaver, mlflow_logger_for
 
 DEFAULT_RUN_DIR = "runs/default"
@@ -135,6 +139,11 @@ class UniMoECLI(LightningCLI):
         if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(StepProgressBar())
         kwargs["callbacks"] = callbacks
+        plugins = config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())  # checkpoints written next to the target, then renamed
+        kwargs["plugins"] = plugins
         return super().instantiate_trainer(**kwargs)
 
 
