@@ -118,6 +118,35 @@ def _size(n: float) -> str:
     return f"{n:.1f} {unit}"
 
 
+FAULT_TRACE_ENV = "UNIMOE_FAULT_TRACE"
+FAULT_KILL_ENV = "UNIMOE_FAULT_KILL_AT"
+
+
+def _fault_point(path: Path) -> None:
+    """Fault-injection hook (``unimoe.fault_injection``), inert unless ``$UNIMOE_FAULT_TRACE`` is set.
+
+    Then every atomic write, with its temporary file complete but not yet renamed, appends its
+    target to that trace file (one counter for all processes of the command, under a lock);
+    the write whose number is ``$UNIMOE_FAULT_KILL_AT`` SIGKILLs the command's whole process
+    group right there: the harness's exact "killed during the write of X" point.
+    """
+    trace = os.environ.get(FAULT_TRACE_ENV)
+    if not trace:
+        return
+    import fcntl
+    import signal
+
+    with open(trace, "a+", encoding="utf-8") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        number = sum(1 for _ in fh) + 1
+        fh.write(f"{path}\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    if os.environ.get(FAULT_KILL_ENV) == str(number):
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
 @contextmanager
 def atomic_path(path: str | Path, *, durable: bool = False) -> Iterator[Path]:
     """Yield a temporary path to write; rename it to ``path`` when the block succeeds.
@@ -135,6 +164,7 @@ def atomic_path(path: str | Path, *, durable: bool = False) -> Iterator[Path]:
         raise _write_error(path, exc.errno or errno.EIO, exc, existed) from exc
     try:
         yield tmp
+        _fault_point(path)
         if durable:
             fd = os.open(tmp, os.O_RDONLY)
             try:
