@@ -65,6 +65,18 @@ def test_killed_command_reruns_to_the_uninterrupted_result(scenarios, references
     assert result.survived, result.problems
 
 
+def test_a_kill_inside_the_final_checkpoint_write_still_finishes_the_stage(scenarios, references):
+    """Killed after the last last.ckpt (at max_steps) but inside final.ckpt's write: the re-run
+    has nothing left to train (Lightning skips the loop and its on_train_end), and must still
+    write final.ckpt and final_metrics.json equal to the uninterrupted run's."""
+    scenario = scenarios["curriculum"]
+    ref, digest = _reference(scenarios, references, "curriculum")
+    final = [i + 1 for i, w in enumerate(ref.writes) if w.endswith(".final.ckpt.tmp")]
+    assert len(final) == 1
+    result = trial(scenario, ref, digest, random.Random(0), 0, plan=[("write", final[0])], log=lambda m: None)
+    assert result.kills[0].killed and result.survived, result.problems
+
+
 def test_the_checks_can_fail(scenarios, references, tmp_path):
     """A torn checkpoint is found, and a different result is reported as different."""
     ref, digest = _reference(scenarios, references, "upcycle")

@@ -134,6 +134,15 @@ class UniMoECLI(LightningCLI):
         except (CheckpointError, ValueError) as exc:
             raise ConfigError(f"model.init_args.init_from: {exc}") from exc
 
+    def after_fit(self) -> None:
+        """A fit resumed from a checkpoint of the finished training trains nothing and gets no
+        ``on_train_end``: the StageFinalizer validates and writes ``final.ckpt`` here."""
+        from unimoe.training.callbacks import StageFinalizer
+
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, StageFinalizer):
+                callback.finish_resumed(self.trainer, self.model, self.datamodule)
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         from unimoe.training.callbacks import NonFiniteGuard, StageFinalizer, StepProgressBar
 

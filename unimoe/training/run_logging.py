@@ -48,8 +48,10 @@ class ResumableMLFlowLogger(MLFlowLogger):
 
 
 def tracking_uri_for(run_dir: str | Path) -> str:
-    """The sqlite MLflow store of a run directory (absolute, so any cwd works)."""
-    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+    """The sqlite MLflow store of a run directory (absolute; created so that a kill cannot break it)."""
+    from unimoe.mlflow_store import sqlite_tracking_uri
+
+    return sqlite_tracking_uri(run_dir)
 
 
 def mlflow_logger_for(
