@@ -76,16 +76,21 @@ WRITERS = {
 }
 
 
+def _first_version(folder: Path, kind: str):
+    """Write version 1 of ``kind`` into ``folder``: (file name, writer, path, its bytes)."""
+    name, write = WRITERS[kind]
+    path = folder / name
+    write(path, 1)
+    return name, write, path, path.read_bytes()
+
+
 def _others(folder: Path, keep: set[str]) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name not in keep)
 
 
 @pytest.mark.parametrize("kind", sorted(WRITERS))
 def test_a_nearly_full_disk_keeps_the_previous_file(small_fs, kind):
-    name, write = WRITERS[kind]
-    path = small_fs / name
-    write(path, 1)
-    good = path.read_bytes()
+    name, write, path, good = _first_version(small_fs, kind)
     filler = fill(small_fs, leave=len(good) // 3)  # the next version cannot fit
     before = free(small_fs)
     with pytest.raises(OutputWriteError, match=rf"could not write {path}: No space left on device \(.* free there "
@@ -101,10 +106,7 @@ def test_a_nearly_full_disk_keeps_the_previous_file(small_fs, kind):
 
 @pytest.mark.parametrize("kind", sorted(WRITERS))
 def test_a_read_only_folder_keeps_the_previous_file(small_fs, kind):
-    name, write = WRITERS[kind]
-    path = small_fs / name
-    write(path, 1)
-    good = path.read_bytes()
+    name, write, path, good = _first_version(small_fs, kind)
     remount_read_only(small_fs)
     with pytest.raises(OutputWriteError, match=rf"could not write {path}: Read-only file system; the previous "
                                                rf"{name} is unchanged"):

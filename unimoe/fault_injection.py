@@ -394,6 +394,8 @@ def _generated(inputs: Path, data: Path) -> Path:
 # ---------------------------------------------------------------------- trials
 def write_kind(path: str) -> str:
     name = Path(path).name
+    if name.startswith(".") and name.endswith(".tmp"):  # final.ckpt goes through .final.ckpt.tmp
+        name = name[1:-4]
     if name.endswith(".ckpt"):
         return "checkpoint"
     if name.startswith("shard-") and name.endswith(".pt"):
