@@ -19,6 +19,7 @@ in another way (an overflowing update) are refused and the previous good file st
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import lightning as L
@@ -60,7 +61,7 @@ class NonFiniteGuard(Callback):
         self.skipped: list[dict[str, Any]] = []
         self._ids: list[str] = []
         self._batches: list[int] = []
-        self._bad_loss: list[str] = []
+        self._losses: list[Tensor] = []
 
     # ------------------------------------------------------------------ collect
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -68,30 +69,33 @@ class NonFiniteGuard(Callback):
         self._batches.append(batch_idx)
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
-        value = loss.detach()
-        if not bool(torch.isfinite(value).all()):
-            self._bad_loss.append(f"loss {float(value.float().reshape(-1)[0])}")
+        self._losses.append(loss.detach().float().reshape(-1)[:1])  # checked with the gradients: one sync per step
 
     # ------------------------------------------------------------------ decide
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
-        reasons = list(self._bad_loss)
         params = [(n, p) for n, p in pl_module.named_parameters() if p.grad is not None]
+        losses, ids, batches = self._losses, self._ids, self._batches  # one loss per accumulated batch
+        self._losses, self._ids, self._batches = [], [], []
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if self.check_gradients and scaler is None and params:
+        check_norm = self.check_gradients and scaler is None and bool(params)
+        values = list(losses)
+        if check_norm:
             norm = torch.nn.utils.get_total_norm([p.grad for _, p in params])
-            if hasattr(norm, "full_tensor"):
-                norm = norm.full_tensor()
-            if not bool(torch.isfinite(norm)):
-                bad = nonfinite_tensors((n, p.grad) for n, p in params)
-                where = ", ".join(n for n, _, _ in bad[:3]) or "the gradient norm overflowed"
-                reasons.append(f"gradient norm {float(norm)} ({where})")
-        flag = torch.tensor(float(bool(reasons)), device=pl_module.device)
+            values.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float().reshape(1))
+        if not values:
+            return
+        stacked = torch.cat([v.to(pl_module.device) for v in values])
+        flag = (~torch.isfinite(stacked)).any().float()
         if trainer.world_size > 1:  # every rank must skip (or stop) together
             flag = trainer.strategy.reduce(flag, reduce_op="sum")
-        ids, batches = self._ids, self._batches
-        self._ids, self._batches, self._bad_loss = [], [], []
-        if not bool(flag > 0):
+        if not bool(flag > 0):  # the only host sync of a healthy step
             return
+        numbers = stacked.tolist()
+        reasons = [f"loss {v}" for v in numbers[: len(losses)] if not math.isfinite(v)]
+        if check_norm and not math.isfinite(numbers[-1]):
+            bad = nonfinite_tensors((n, p.grad) for n, p in params)
+            where = ", ".join(n for n, _, _ in bad[:3]) or "the gradient norm overflowed"
+            reasons.append(f"gradient norm {numbers[-1]} ({where})")
         record = {"step": int(trainer.global_step), "epoch": int(trainer.current_epoch), "batch": batches,
                   "reason": "; ".join(reasons) or "non-finite on another rank", "ids": ids}
         shown = ", ".join(ids[:MAX_IDS_SHOWN]) + (f" ... ({len(ids)} examples)" if len(ids) > MAX_IDS_SHOWN else "")
