@@ -65,15 +65,17 @@ def test_killed_command_reruns_to_the_uninterrupted_result(scenarios, references
     assert result.survived, result.problems
 
 
-def test_a_kill_inside_the_final_checkpoint_write_still_finishes_the_stage(scenarios, references):
-    """Killed after the last last.ckpt (at max_steps) but inside final.ckpt's write: the re-run
-    has nothing left to train (Lightning skips the loop and its on_train_end), and must still
-    write final.ckpt and final_metrics.json equal to the uninterrupted run's."""
+@pytest.mark.parametrize("written", [".final.ckpt.tmp", "final_metrics.json"])
+def test_a_kill_while_the_stage_is_finalised_still_finishes_it(scenarios, references, written):
+    """Killed inside final.ckpt's write (after the last last.ckpt, at max_steps: the re-run has
+    nothing left to train, and Lightning skips its loop and on_train_end) or inside
+    final_metrics.json's: the re-run must still leave final.ckpt and final_metrics.json equal
+    to the uninterrupted run's."""
     scenario = scenarios["curriculum"]
     ref, digest = _reference(scenarios, references, "curriculum")
-    final = [i + 1 for i, w in enumerate(ref.writes) if w.endswith(".final.ckpt.tmp")]
-    assert len(final) == 1
-    result = trial(scenario, ref, digest, random.Random(0), 0, plan=[("write", final[0])], log=lambda m: None)
+    numbers = [i + 1 for i, w in enumerate(ref.writes) if w.endswith(written)]
+    assert len(numbers) == 1
+    result = trial(scenario, ref, digest, random.Random(0), 0, plan=[("write", numbers[0])], log=lambda m: None)
     assert result.kills[0].killed and result.survived, result.problems
 
 

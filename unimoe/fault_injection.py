@@ -456,7 +456,10 @@ def trial(scenario: Scenario, ref: RunResult, ref_digest: Any, rng: random.Rando
         result.problems.append(f"the re-run failed ({final.returncode}): {final.stderr[-1500:]}")
     else:
         result.problems += [f"after the re-run: {p}" for p in check_files(scenario.out)]
-        diff = differences(scenario.digest(scenario.out), ref_digest)
+        try:
+            diff = differences(scenario.digest(scenario.out), ref_digest)
+        except Exception as exc:  # noqa: BLE001 - a missing or unreadable result is the finding
+            diff = [f"the results cannot be read: {type(exc).__name__}: {exc}"]
         if diff:
             result.problems.append(f"results differ from the uninterrupted run: {diff}")
     status = "ok" if result.survived else "FAILED: " + " | ".join(result.problems)

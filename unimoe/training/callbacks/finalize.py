@@ -94,10 +94,12 @@ class StageFinalizer(Callback):
         tmp = path.with_name(f".{path.name}.tmp")
         trainer.save_checkpoint(str(tmp), weights_only=self.weights_only)  # collective; rank 0 writes
         if trainer.is_global_zero:
-            os.replace(tmp, path)
+            # the metrics first, final.ckpt last: its presence is what marks the stage finished, so a
+            # kill between the two must not leave a final checkpoint without its metrics
             record = {"global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch),
                       "checkpoint": str(path), "metrics": metrics}
             write_status_json(run_dir / FINAL_METRICS, record)
+            os.replace(tmp, path)
         trainer.strategy.barrier("unimoe-final-checkpoint")
         self._finalized = True
 
