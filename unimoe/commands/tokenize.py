@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         report = tokenize_manifest(args.manifest, args.codec, args.out, config=cfg, workers=args.workers,
                                    overwrite=args.overwrite, progress=not args.quiet)
-    except (ManifestError, ShardError, RegistryError, ValueError, FileNotFoundError, FolderInUseError,
-            CodecFileError, CodecWeightsError) as exc:
+    except (ManifestError, ShardError, RegistryError, CodecFileError, CodecWeightsError, ValueError, FileNotFoundError,
+            FolderInUseError) as exc:
         print(f"unimoe tokenize: error: {exc}", file=sys.stderr)
         return 1
     print(report.summary())
