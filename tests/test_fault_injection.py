@@ -49,13 +49,14 @@ def _write_number(ref, kind: str) -> int:
 # (command, the kind of write to kill inside, then kills of the resumed run as fractions of the duration)
 PLANS = [
     ("tokenize", "shard", [0.6]),
-    ("upcycle", "checkpoint", []),
+    ("tokenize", "shard index", []),
+    ("upcycle", "model folder", []),
     ("evaluate", "status/report", [0.7]),
     ("curriculum", "checkpoint", [0.5]),
 ]
 
 
-@pytest.mark.parametrize("command, kind, times", PLANS, ids=[p[0] for p in PLANS])
+@pytest.mark.parametrize("command, kind, times", PLANS, ids=[f"{p[0]}-{p[1]}" for p in PLANS])
 def test_killed_command_reruns_to_the_uninterrupted_result(scenarios, references, command, kind, times):
     scenario = scenarios[command]
     ref, digest = _reference(scenarios, references, command)
@@ -65,12 +66,12 @@ def test_killed_command_reruns_to_the_uninterrupted_result(scenarios, references
     assert result.survived, result.problems
 
 
-@pytest.mark.parametrize("written", [".final.ckpt.tmp", "final_metrics.json"])
+@pytest.mark.parametrize("written", [".final.tmp.ckpt", "final_metrics.json", "/final"])
 def test_a_kill_while_the_stage_is_finalised_still_finishes_it(scenarios, references, written):
-    """Killed inside final.ckpt's write (after the last last.ckpt, at max_steps: the re-run has
-    nothing left to train, and Lightning skips its loop and on_train_end) or inside
-    final_metrics.json's: the re-run must still leave final.ckpt and final_metrics.json equal
-    to the uninterrupted run's."""
+    """Killed inside the write of the final model's checkpoint (after the last last.ckpt, at
+    max_steps: the re-run has nothing left to train, and Lightning skips its loop and
+    on_train_end), inside final_metrics.json's, or inside the final/ model folder's: the
+    re-run must still leave final/ and final_metrics.json equal to the uninterrupted run's."""
     scenario = scenarios["curriculum"]
     ref, digest = _reference(scenarios, references, "curriculum")
     numbers = [i + 1 for i, w in enumerate(ref.writes) if w.endswith(written)]
@@ -82,14 +83,15 @@ def test_a_kill_while_the_stage_is_finalised_still_finishes_it(scenarios, refere
 def test_the_checks_can_fail(scenarios, references, tmp_path):
     """A torn checkpoint is found, and a different result is reported as different."""
     ref, digest = _reference(scenarios, references, "upcycle")
-    good = (scenarios["upcycle"].out / "upcycled.ckpt").read_bytes()
+    good = (scenarios["upcycle"].out / "upcycled" / "model.safetensors").read_bytes()
     torn = tmp_path / "torn"
-    torn.mkdir()
-    (torn / "last.ckpt").write_bytes(good[: len(good) // 2])
+    (torn / "final").mkdir(parents=True)
+    (torn / "final" / "model.safetensors").write_bytes(good[: len(good) // 2])
+    (torn / "last.ckpt").write_bytes(b"PK\x03\x04 half a zip")
     (torn / "status.json").write_text('{"step": 3')
     (torn / ".last.ckpt.tmp-1").write_bytes(b"half")  # temporaries are never read: not a problem
     problems = check_files(torn)
-    assert len(problems) == 2 and problems[0].startswith("last.ckpt: ") and problems[1].startswith("status.json: ")
+    assert [p.split(":")[0] for p in problems] == ["final/model.safetensors", "last.ckpt", "status.json"], problems
     other = Scenario("upcycle", scenarios["upcycle"].argv[:-2] + ["--seed", "7", "--overwrite", "true"],
                      scenarios["upcycle"].out, scenarios["upcycle"].digest)
     assert run_once(other).returncode == 0
@@ -103,7 +105,8 @@ def test_a_kill_lands_inside_the_chosen_write(scenarios, references):
     run = run_once(scenario, kill_at_write=1)
     assert run.returncode == -signal.SIGKILL and len(run.writes) == 1
     left = sorted(p.name for p in scenario.out.iterdir())
-    assert left == [".upcycled.ckpt.tmp-" + left[0].rsplit("-", 1)[1]]  # complete temporary, never renamed
+    assert left == [".upcycled.tmp-" + left[0].rsplit("-", 1)[1]]  # complete temporary folder, never renamed
+    assert check_files(scenario.out) == []
 
 
 def test_summary_counts_kill_points(scenarios):

@@ -51,14 +51,15 @@ def _rebuild(path: str, code: int, message: str) -> OutputWriteError:
 _TORCH_WRITE_FAILURE = re.compile(r"inline_container|PytorchStreamWriter|file write failed|cannot be opened")
 
 
-def _failure_code(path: Path, exc: BaseException) -> int | None:
+def _failure_code(path: Path, exc: BaseException, staging: Path | None = None) -> int | None:
     """The errno of ``exc`` if it is a filesystem failure (checked before the temporary file is
-    removed, while a full disk is still full), else None."""
+    removed, while a full disk is still full), else None. ``staging``: the temporary folder a
+    folder output is built in (failures of the files in it are failures of ``path``)."""
     if isinstance(exc, OutputWriteError):
         return None
     if isinstance(exc, OSError) and exc.errno is not None:
         # about this output (write() errors name no file); an error reading some input is not
-        named = exc.filename is None or Path(os.fsdecode(exc.filename)).parent == path.parent
+        named = exc.filename is None or Path(os.fsdecode(exc.filename)).parent in (path.parent, staging)
         return exc.errno if named else None
     if not (isinstance(exc, RuntimeError) and _TORCH_WRITE_FAILURE.search(str(exc))):
         return None
@@ -122,7 +123,7 @@ FAULT_TRACE_ENV = "UNIMOE_FAULT_TRACE"
 FAULT_KILL_ENV = "UNIMOE_FAULT_KILL_AT"
 
 
-def _fault_point(path: Path) -> None:
+def fault_point(path: Path) -> None:
     """Fault-injection hook (``unimoe.fault_injection``), inert unless ``$UNIMOE_FAULT_TRACE`` is set.
 
     Then every atomic write, with its temporary file complete but not yet renamed, appends its
@@ -164,7 +165,7 @@ def atomic_path(path: str | Path, *, durable: bool = False) -> Iterator[Path]:
         raise _write_error(path, exc.errno or errno.EIO, exc, existed) from exc
     try:
         yield tmp
-        _fault_point(path)
+        fault_point(path)
         if durable:
             fd = os.open(tmp, os.O_RDONLY)
             try:
@@ -183,6 +184,23 @@ def atomic_path(path: str | Path, *, durable: bool = False) -> Iterator[Path]:
         if code is not None:
             raise _write_error(path, code, exc, existed) from exc
         raise
+
+
+@contextmanager
+def folder_write_errors(path: str | Path, staging: str | Path) -> Iterator[None]:
+    """For folder outputs built in ``staging`` and renamed to ``path`` (model folders, the shard
+    index): a filesystem failure inside the block becomes an :class:`OutputWriteError` naming
+    ``path``, as :func:`atomic_path` does for files. The caller removes ``staging`` itself."""
+    path, staging = Path(path), Path(staging)
+    existed = path.exists()
+    try:
+        yield
+    except BaseException as exc:
+        code = _failure_code(path, exc, staging)
+        if code is None:
+            raise
+        _drop_frames(exc)
+        raise _write_error(path, code, exc, existed) from exc
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

@@ -6,14 +6,16 @@ again". For each command (``tokenize``, one ``curriculum`` stage, ``upcycle``, `
 the harness
 
 1. runs it once uninterrupted (the reference), with every atomic write traced
-   (:func:`unimoe.atomic._fault_point`): its duration and its list of writes;
+   (:func:`unimoe.atomic.fault_point`: files, model folders, the shard index, sharded checkpoints): its duration and its list of writes;
 2. per trial (seeded), starts it in a fresh output folder and kills its whole process group
    with SIGKILL, either at a random time or exactly inside the n-th write (temporary file
-   complete, not yet renamed: inside a checkpoint, shard or report write), once or twice in a
+   complete, not yet renamed: inside a checkpoint, model folder, shard, index or report
+   write), once or twice in a
    row (a kill of the resumed run too);
 3. after every kill checks that no file under a final name is half-written or corrupt
-   (checkpoints and shards load, JSON/YAML parse, WAV and PNG are complete, SQLite passes its
-   integrity check): a half-written file is never there to be read;
+   (checkpoints, shards and safetensors load, JSON/YAML parse, the shard index matches its
+   checksums, WAV and PNG are complete, SQLite passes its integrity check): a half-written
+   file is never there to be read;
 4. runs the same command to the end and checks that it succeeds and that its results
    (shards, checkpoint weights, metrics) equal the reference's: bit for bit, since every one of
    these commands is deterministic (training included, see :mod:`unimoe.training.determinism`).
@@ -154,6 +156,21 @@ def _check_file(path: Path) -> None:
         import torch
 
         torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    elif suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            for key in fh.keys():
+                fh.get_tensor(key)
+    elif suffix == ".npy":
+        import numpy as np
+
+        np.load(path, allow_pickle=False)
+    elif path.name == "meta.json" and path.parent.name == "index":  # the shard index: every file as recorded
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        for name, record in meta["files"].items():
+            if hashlib.sha256((path.parent / name).read_bytes()).hexdigest() != record["sha256"]:
+                raise ValueError(f"index/{name}: SHA-256 differs from index/meta.json")
     elif suffix == ".json":
         json.loads(path.read_text(encoding="utf-8"))
     elif suffix == ".jsonl":
@@ -229,12 +246,12 @@ def differences(a: Any, b: Any, where: str = "") -> list[str]:
     return [] if a == b else [f"{where or '.'}: {str(a)[:80]} vs {str(b)[:80]}"]
 
 
-def _checkpoint_digest(path: Path) -> Any:
-    import torch
+def _model_digest(path: Path) -> Any:
+    """A model folder's (or ``.ckpt``'s) weights and metadata."""
+    from unimoe.checkpoint import open_model_file
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    return canonical({"state_dict": ckpt["state_dict"], "unimoe": ckpt.get("unimoe"),
-                      "global_step": ckpt.get("global_step")})
+    opened = open_model_file(path)
+    return canonical({"tensors": dict(opened.tensors), "metadata": opened.metadata.to_dict()})
 
 
 def tokenize_digest(out: Path) -> Any:
@@ -242,7 +259,9 @@ def tokenize_digest(out: Path) -> Any:
 
     files = {}
     for path in sorted(p for p in out.iterdir() if not p.name.startswith(".")):
-        if path.suffix == ".pt":
+        if path.is_dir():  # the shard index: its files byte for byte
+            files[path.name] = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.iterdir())}
+        elif path.suffix == ".pt":
             files[path.name] = canonical(torch.load(path, map_location="cpu", weights_only=True))
         elif path.suffix == ".json":
             files[path.name] = json.loads(path.read_text(encoding="utf-8"))
@@ -252,17 +271,19 @@ def tokenize_digest(out: Path) -> Any:
 
 
 def curriculum_digest(root: Path) -> Any:
+    from unimoe.training.curriculum.schema import final_model
+
     stage = root / "specialist_tts"
     status = json.loads((root / "curriculum.json").read_text(encoding="utf-8"))
     stages = status.get("stages", status)
     done = stages.get("specialist_tts", {}).get("status") if isinstance(stages, dict) else None
-    return {"final.ckpt": _checkpoint_digest(stage / "final.ckpt"),
+    return {"final": _model_digest(final_model(stage)),
             "final_metrics": json.loads((stage / "final_metrics.json").read_text())["metrics"],
             "done_marker": (stage / "DONE.json").is_file(), "status": done}
 
 
 def upcycle_digest(out: Path) -> Any:
-    return _checkpoint_digest(out / "upcycled.ckpt")
+    return _model_digest(out / "upcycled")
 
 
 VOLATILE = ("seconds", "time", "created", "mlflow", "duration", "started", "finished", "elapsed")
@@ -300,7 +321,7 @@ def prepare(root: Path, data: Path | None = None) -> dict[str, Scenario]:
         "curriculum": Scenario("curriculum", ["curriculum", "--config", str(_curriculum(inputs, data)), "--root",
                                               str(run / "curriculum")], run / "curriculum", curriculum_digest),
         "upcycle": Scenario("upcycle", [
-            "upcycle", "--specialists", *map(str, _specialists(inputs, data)), "--out", str(run / "upcycle" / "upcycled.ckpt"),
+            "upcycle", "--specialists", *map(str, _specialists(inputs, data)), "--out", str(run / "upcycle" / "upcycled"),
             "--pieces", "2", "--moe.num_routed_experts", "6", "--moe.routed_intermediate_size", "64",
             "--moe.num_shared_experts", "1", "--moe.shared_intermediate_size", "32", "--overwrite", "true",
         ], run / "upcycle", upcycle_digest),
@@ -343,19 +364,20 @@ def _curriculum(inputs: Path, data: Path) -> Path:
 def _specialists(inputs: Path, data: Path) -> list[Path]:
     import torch
 
-    from unimoe.checkpoint import CheckpointMetadata, save_model_checkpoint
+    from unimoe.checkpoint import CheckpointMetadata, save_model_folder
     from unimoe.model.config import AudioLMConfig
     from unimoe.model.transformer import AudioLM
 
     cfg = AudioLMConfig.from_preset("tiny")
     paths = []
     for seed, task in enumerate(("tts", "t2m", "v2m"), start=1):
-        path = inputs / "specialists" / f"{task}.ckpt"
+        path = inputs / "specialists" / task
         if not path.exists():
             torch.manual_seed(seed)
             meta = CheckpointMetadata(config=cfg, codec={"name": "spectral_rvq", "path": str(data / "codec.pt")},
-                                      stage="specialist", extra={"data_tasks": [task], "label": task})
-            save_model_checkpoint(path, AudioLM(cfg), meta)
+                                      stage="specialist", extra={"data_tasks": [task], "label": task},
+                                      task_ids=[task])
+            save_model_folder(path, AudioLM(cfg), meta)
         paths.append(path)
     return paths
 
@@ -392,12 +414,17 @@ def _generated(inputs: Path, data: Path) -> Path:
 
 
 # ---------------------------------------------------------------------- trials
+MODEL_FOLDERS = ("final", "upcycled")
+
+
 def write_kind(path: str) -> str:
     name = Path(path).name
-    if name.startswith(".") and name.endswith(".tmp"):  # final.ckpt goes through .final.ckpt.tmp
-        name = name[1:-4]
-    if name.endswith(".ckpt"):
+    if name.endswith(".ckpt"):  # last.ckpt, and .final.tmp.ckpt (the final model before it becomes a folder)
         return "checkpoint"
+    if name in MODEL_FOLDERS:
+        return "model folder"
+    if name == "index":
+        return "shard index"
     if name.startswith("shard-") and name.endswith(".pt"):
         return "shard"
     if name.endswith((".json", ".jsonl", ".yaml", ".txt", ".md")):

@@ -1,7 +1,7 @@
 """The audio language model: a decoder-only transformer over text, codec frames and video.
 
-Reading order: :class:`RMSNorm`, rotary helpers, :class:`KVCache`, :class:`Attention`,
-:class:`Block`, :class:`AudioLM`. One position of the sequence is a text token, a delayed
+Reading order: :class:`KVCache`, :class:`Attention`, :class:`Block`, :class:`AudioLM`
+(RMSNorm and the rotary helpers are in :mod:`unimoe.model.layers`). One position of the sequence is a text token, a delayed
 codec frame (the sum of its ``C`` codebook embeddings) or a visual soft token; one linear
 head predicts all ``C`` codebooks of the next frame at once (``hidden -> C x V``). The FFN
 of a block is a dense SwiGLU (specialists) or the Dynamic-Capacity MoE layer; both return
@@ -22,48 +22,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from unimoe.model.batch import IGNORE_INDEX, Batch, Modality
 from unimoe.model.config import AudioLMConfig
 from unimoe.model.delay import CodecSpecials
-from unimoe.model.tasks import IGNORE_INDEX, Batch, Modality
+from unimoe.model.layers import RMSNorm, apply_rope, rope_cos_sin, rotate_half  # noqa: F401  (re-exported)
+from unimoe.model.params import count_parameters, params_on_meta
+from unimoe.model.vision import build_vision_encoder
 from unimoe.moe.ffn import SwiGLU
 from unimoe.moe.layer import build_moe_layer
 from unimoe.moe.stats import LayerMeans, RoutingInfo, mean_over_layers
-
-
-class RMSNorm(nn.Module):
-    """``x / rms(x) * weight``, computed in float32 so bf16 activations do not lose range."""
-
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
-
-
-def rotate_half(x: Tensor, groups: int = 1) -> Tensor:
-    """Within each of ``groups`` equal chunks of the last dim: ``(a, b) -> (-b, a)``.
-
-    The "split halves" rotary convention of GPT-NeoX/LLaMA/Qwen (not interleaved pairs), so
-    weights from those models keep their meaning. ``groups=2`` serves 2-D (row, column) rotary.
-    """
-    x = x.unflatten(-1, (groups, 2, x.shape[-1] // (2 * groups)))
-    return torch.cat([-x[..., 1, :], x[..., 0, :]], dim=-1).flatten(-2)
-
-
-def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``positions [B, L]`` -> ``cos, sin [B, 1, L, head_dim]`` (computed per call: no length limit)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float().unsqueeze(-1) * inv_freq  # [B, L, hd/2]
-    angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    return x * cos + rotate_half(x) * sin
 
 
 # ---------------------------------------------------------------------- KV cache
@@ -248,14 +215,14 @@ class AudioLM(nn.Module):
         self.register_buffer("codebook_offsets", torch.arange(C) * V, persistent=False)
         self.vision = None
         if cfg.vision is not None:
-            from unimoe.model.vision import build_vision_encoder
-
             self.vision = build_vision_encoder(cfg.vision, hidden_size=D)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(D, cfg.norm_eps)
         self.audio_head = nn.Linear(D, C * V, bias=False)
-        self.text_head = nn.Linear(D, self.text_vocab_size, bias=False) if cfg.text_head else None
+        # A tied text head has no weight of its own: text logits use text_embed.weight (text_logits_of).
+        self.text_head = nn.Linear(D, self.text_vocab_size, bias=False) if cfg.text_head and not cfg.tie_text_head else None
         self.gradient_checkpointing = cfg.gradient_checkpointing
+        self.vision_every_batch = False  # set by unimoe.training.parallel: run the encoder on every rank, every batch
         self._init_own_weights()
 
     def _init_own_weights(self) -> None:
@@ -302,6 +269,12 @@ class AudioLM(nn.Module):
                     f"batch has {n_slots} vision positions but the encoder produced {tokens.shape[0]} x {tokens.shape[1]} tokens"
                 )
             x = x.masked_scatter(is_vision.unsqueeze(-1), tokens.to(x.dtype))
+        elif self.vision is not None and self.vision_every_batch:
+            # Sharded training: the encoder's weights are gathered and its gradients reduced by
+            # collectives every rank must join, so a batch without video runs one blank clip, weighted 0.
+            frames, (h, w) = self.vision.input_frames, self.vision.input_size
+            blank = x.new_zeros(1, frames, 3, h, w, dtype=torch.float32)
+            x = x + 0.0 * self.vision(blank).sum().to(x.dtype)
         return x
 
     def new_cache(
@@ -339,7 +312,7 @@ class AudioLM(nn.Module):
             rope_pos = positions
         else:
             rope_pos = position_ids if position_ids is not None else torch.arange(L, device=x.device).expand(B, L)
-        cos, sin = rope_cos_sin(rope_pos, self.config.head_size, self.config.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(rope_pos, self.config.head_size, self.config.rope_theta, x.dtype, self.config.rope_scaling)
         routing: list[RoutingInfo | None] = []
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and cache is None:
@@ -390,12 +363,17 @@ class AudioLM(nn.Module):
         elif logits != "none":
             raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
         if text_logits:
-            if self.text_head is None:
-                raise ValueError("text_logits=True needs AudioLMConfig.text_head=True")
-            out.text_logits = self.text_head(hidden).float()
+            out.text_logits = self.text_logits_of(hidden)
         if batch.labels is not None:
             self._loss(out, batch.labels, batch.task_ids, full_logits=out.logits if logits == "all" else None)
         return out
+
+    def text_logits_of(self, hidden: Tensor) -> Tensor:
+        """``[..., D] -> [..., text_vocab]`` float32 logits of the text head (tied or not)."""
+        if not self.config.text_head:
+            raise ValueError("text logits need AudioLMConfig.text_head=True")
+        weight = self.text_embed.weight if self.config.tie_text_head else self.text_head.weight
+        return F.linear(hidden, weight).float()
 
     def step(self, codes: Tensor, cache: KVCache, *, task_ids: Tensor | None = None) -> AudioLMOutput:
         """Decode: append audio frames ``codes [B, C]`` (or ``[B, C, S]``) to every row of ``cache``.
@@ -455,6 +433,10 @@ class AudioLM(nn.Module):
     # ------------------------------------------------------------------ accounting
     def num_parameters(self, active: int | str | None = None) -> int:
         """Parameter count: total (``active=None``) or touched by one token (see :mod:`unimoe.model.params`)."""
-        from unimoe.model.params import count_parameters
-
         return count_parameters(self, active=active)
+
+
+def meta_model(config: AudioLMConfig) -> AudioLM:
+    """The model of ``config`` with meta parameters: for counting and shape inspection only (no memory)."""
+    with params_on_meta():
+        return AudioLM(config)

@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from unimoe.moe.config import MoEConfig
 
 SharedGating = Literal["weighted", "unweighted"]
+Dispatcher = Callable[..., Tensor]
+"""``(x [T, D], selected [T, E], weights [T, E], slots) -> [T, D]``: how routed experts are run."""
 
 
 class MoELayer(nn.Module):
@@ -73,6 +75,9 @@ class MoELayer(nn.Module):
         real = torch.cat([torch.full((g.num_experts,), g.takes_tokens, dtype=torch.bool) for g in experts])
         self.register_buffer("real_experts", real, persistent=False)  # [E] bool
         self.num_real_experts = int(real.sum())
+        # Local (single-rank) dispatch; expert parallelism injects an
+        # unimoe.moe.expert_parallel.ExpertParallelDispatcher here (unimoe.training.parallel).
+        self.dispatcher: Dispatcher = dispatch
 
     # ------------------------------------------------------------------ adaptive compute
     @property
@@ -96,7 +101,7 @@ class MoELayer(nn.Module):
         route = self.router(flat, mask)
 
         routed_w, shared_w = self.combine_weights(route)
-        y = dispatch(flat, route.selected, routed_w, group_slots(self.experts))  # [T, D]
+        y = self.dispatcher(flat, route.selected, routed_w, group_slots(self.experts))  # [T, D]
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat, shared_w)
         info = self._routing_info(route, mask, None if task_ids is None else task_ids.reshape(b * l))

@@ -90,7 +90,6 @@ def _renormalise(probs: Tensor, selected: Tensor) -> Tensor:
     return kept / kept.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
 
 
-@ROUTERS.register("top_p")
 class TopPRouter(Router):
     """Top-p (dynamic-capacity) routing, the paper's rule.
 
@@ -131,7 +130,6 @@ class TopPRouter(Router):
         return f"{super().extra_repr()}, top_p={self.top_p}"
 
 
-@ROUTERS.register("top_k")
 class TopKRouter(Router):
     """Fixed top-k routing (the baseline), weights renormalised over the k unless told not to."""
 
