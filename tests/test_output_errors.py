@@ -23,7 +23,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from unimoe.atomic import OutputWriteError, write_json_atomic
-from unimoe.checkpoint import CheckpointMetadata, save_model_checkpoint
+from unimoe.checkpoint import CheckpointMetadata, save_model_checkpoint, save_model_folder
+from unimoe.data.index import SCHEMA, IndexWriter
 from unimoe.data.shards import save_shard
 from unimoe.model.config import AudioLMConfig
 from unimoe.model.transformer import AudioLM
@@ -68,9 +69,20 @@ def _model(seed: int) -> AudioLM:
     return AudioLM(TINY)
 
 
+def _index(folder: Path, v: int) -> Path:
+    writer = IndexWriter()
+    for i in range(8_000):  # about 0.6 MB: two versions fit the 4 MiB test filesystem
+        writer.add({**{k: 0 for k in SCHEMA}, "id": f"ex-{v}-{i:06d}", "task": "tts", "split": "train",
+                    "speaker": "s", "text": "some text", "prompt_text": None, "video_size": None})
+    header = {"codec": {}, "config": {}, "manifest": "m.jsonl", "shards": [], "skipped": {}}
+    return writer.write(folder, header)
+
+
 META = CheckpointMetadata(config=TINY, codec=None, stage="upcycle")
 WRITERS = {
     "checkpoint": ("m.ckpt", lambda path, v: save_model_checkpoint(path, _model(v), META)),
+    "model folder": ("final", lambda path, v: save_model_folder(path, _model(v), META)),
+    "shard index": ("index", lambda path, v: _index(path.parent, v)),
     "shard": ("shard-00000.pt", lambda path, v: save_shard(path.parent, 0, {"format": "x", "v": torch.full((150_000,), v)})),
     "report": ("results.json", lambda path, v: write_json_atomic(path, {"v": v, "values": [v] * 120_000})),
 }
@@ -81,7 +93,18 @@ def _first_version(folder: Path, kind: str):
     name, write = WRITERS[kind]
     path = folder / name
     write(path, 1)
-    return name, write, path, path.read_bytes()
+    return name, write, path, content(path)
+
+
+def content(path: Path) -> bytes | dict[str, bytes]:
+    """A file's bytes, or a folder output's files and their bytes."""
+    if path.is_dir():
+        return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+    return path.read_bytes()
+
+
+def size(good: bytes | dict[str, bytes]) -> int:
+    return sum(map(len, good.values())) if isinstance(good, dict) else len(good)
 
 
 def _others(folder: Path, keep: set[str]) -> list[str]:
@@ -91,17 +114,17 @@ def _others(folder: Path, keep: set[str]) -> list[str]:
 @pytest.mark.parametrize("kind", sorted(WRITERS))
 def test_a_nearly_full_disk_keeps_the_previous_file(small_fs, kind):
     name, write, path, good = _first_version(small_fs, kind)
-    filler = fill(small_fs, leave=len(good) // 3)  # the next version cannot fit
+    filler = fill(small_fs, leave=size(good) // 3)  # the next version cannot fit
     before = free(small_fs)
     with pytest.raises(OutputWriteError, match=rf"could not write {path}: No space left on device \(.* free there "
                                                rf"without it\); the previous {name} is unchanged"):
         write(path, 2)
-    assert path.read_bytes() == good
+    assert content(path) == good
     assert _others(small_fs, {name, filler.name}) == []  # no temporary file left behind
     assert free(small_fs) == before  # and no space held by a half-written one still open
     filler.unlink()
     write(path, 3)  # with room again, the same call works
-    assert path.read_bytes() != good
+    assert content(path) != good
 
 
 @pytest.mark.parametrize("kind", sorted(WRITERS))
@@ -111,7 +134,7 @@ def test_a_read_only_folder_keeps_the_previous_file(small_fs, kind):
     with pytest.raises(OutputWriteError, match=rf"could not write {path}: Read-only file system; the previous "
                                                rf"{name} is unchanged"):
         write(path, 2)
-    assert path.read_bytes() == good
+    assert content(path) == good
     with pytest.raises(OutputWriteError, match=rf"could not write {small_fs}/sub/{name}: Read-only file system; "
                                                "nothing was written under that name"):
         write(small_fs / "sub" / name, 2)
@@ -184,15 +207,16 @@ LIMITED = textwrap.dedent("""
     name, write = t.WRITERS[sys.argv[3]]
     path = Path(sys.argv[1]) / name
     write(path, 1)
-    good = path.read_bytes()
+    good = t.content(path)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
-    resource.setrlimit(resource.RLIMIT_FSIZE, (len(good) // 2, resource.RLIM_INFINITY))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (max(map(len, good.values())) // 2 if isinstance(good, dict) else len(good) // 2,
+                                               resource.RLIM_INFINITY))
     try:
         write(path, 2)
         print(json.dumps({"error": None}))
     except OutputWriteError as exc:
         leftovers = sorted(p.name for p in path.parent.iterdir() if p.name != name)
-        print(json.dumps({"error": str(exc), "same": path.read_bytes() == good, "leftovers": leftovers}))
+        print(json.dumps({"error": str(exc), "same": t.content(path) == good, "leftovers": leftovers}))
 """)
 
 

@@ -17,6 +17,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,6 +50,10 @@ def _rebuild(path: str, code: int, message: str) -> OutputWriteError:
 # torch.save's C++ writer does not raise OSError: "unexpected pos 704 vs 598" (disk full, file-size
 # limit), "file write failed", "File <path> cannot be opened." (read-only, no permission)
 _TORCH_WRITE_FAILURE = re.compile(r"inline_container|PytorchStreamWriter|file write failed|cannot be opened")
+# safetensors' Rust writer: "Error while serializing: I/O error: No space left on device (os error 28)"
+_OS_ERROR_IN_MESSAGE = re.compile(r"\(os error (\d+)\)")
+# numpy's ndarray.tofile on a short write: OSError without errno, "20001 requested and 13734 written"
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
 
 
 def _failure_code(path: Path, exc: BaseException, staging: Path | None = None) -> int | None:
@@ -59,9 +64,14 @@ def _failure_code(path: Path, exc: BaseException, staging: Path | None = None) -
         return None
     if isinstance(exc, OSError) and exc.errno is not None:
         # about this output (write() errors name no file); an error reading some input is not
-        named = exc.filename is None or Path(os.fsdecode(exc.filename)).parent in (path.parent, staging)
+        where = None if exc.filename is None else Path(os.fsdecode(exc.filename))
+        named = where is None or where == path.parent or where.parent in (path.parent, staging)
         return exc.errno if named else None
-    if not (isinstance(exc, RuntimeError) and _TORCH_WRITE_FAILURE.search(str(exc))):
+    in_message = _OS_ERROR_IN_MESSAGE.search(str(exc))
+    if in_message and type(exc).__name__ == "SafetensorError":
+        return int(in_message.group(1))
+    short_write = isinstance(exc, OSError) and _SHORT_WRITE.search(str(exc))
+    if not (short_write or isinstance(exc, RuntimeError) and _TORCH_WRITE_FAILURE.search(str(exc))):
         return None
     found = re.search(r"errno (\d+)", str(exc))
     if found:
@@ -76,7 +86,7 @@ def _failure_code(path: Path, exc: BaseException, staging: Path | None = None) -
 
 def _write_error(path: Path, code: int, exc: BaseException, existed: bool) -> OutputWriteError:
     free = _free_bytes(path.parent)
-    if code == errno.EIO and not isinstance(exc, OSError):
+    if code == errno.EIO and not (isinstance(exc, OSError) and exc.errno is not None):
         reason = f"writing failed ({str(exc).strip()})"
     else:
         reason = os.strerror(code)
@@ -190,7 +200,8 @@ def atomic_path(path: str | Path, *, durable: bool = False) -> Iterator[Path]:
 def folder_write_errors(path: str | Path, staging: str | Path) -> Iterator[None]:
     """For folder outputs built in ``staging`` and renamed to ``path`` (model folders, the shard
     index): a filesystem failure inside the block becomes an :class:`OutputWriteError` naming
-    ``path``, as :func:`atomic_path` does for files. The caller removes ``staging`` itself."""
+    ``path``, as :func:`atomic_path` does for files; ``staging`` is removed first (its space is
+    free again when the error says how much is left)."""
     path, staging = Path(path), Path(staging)
     existed = path.exists()
     try:
@@ -200,6 +211,7 @@ def folder_write_errors(path: str | Path, staging: str | Path) -> Iterator[None]
         if code is None:
             raise
         _drop_frames(exc)
+        shutil.rmtree(staging, ignore_errors=True)
         raise _write_error(path, code, exc, existed) from exc
 
 

@@ -324,12 +324,12 @@ def save_model_folder(
 
     check_finite_weights(tensors, str(path))  # a NaN model never replaces a good one
     config = {"format": FOLDER_FORMAT, **metadata.to_dict()}
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     with folder_write_errors(path, tmp):
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
             save_safetensors(tmp / FOLDER_WEIGHTS, tensors, metadata={"format": "pt", "unimoe": FOLDER_FORMAT})
             (tmp / FOLDER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
