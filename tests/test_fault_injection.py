@@ -121,3 +121,16 @@ def test_script_help():
     script = Path(__file__).parents[1] / "scripts" / "fault_injection.py"
     out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--trials" in out.stdout
+
+
+@pytest.mark.slow
+def test_a_kill_inside_a_sharded_checkpoint_write_resumes_bit_identical(scenarios, references):
+    """2 CPU ranks under MoEParallelStrategy (FSDP2): killed while a sharded last.ckpt folder is
+    swapped in, then again mid-run; the re-run resumes and its final model equals the
+    uninterrupted run's bit for bit."""
+    scenario = scenarios["curriculum_sharded"]
+    ref, digest = _reference(scenarios, references, "curriculum_sharded")
+    numbers = [i + 1 for i, w in enumerate(ref.writes) if w.endswith("checkpoints/last.ckpt")]
+    result = trial(scenario, ref, digest, random.Random(0), 0, plan=[("write", numbers[len(numbers) // 2]), ("time", 0.5)],
+                   log=lambda m: None)
+    assert result.kills[0].killed and result.survived, result.problems

@@ -49,9 +49,9 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ep2_run(tmp_path_factory, data):
-    """3 uninterrupted steps on 2 ranks with expert parallelism 2 (checkpoint kept at step 2)."""
+    """3 uninterrupted steps on 2 ranks with expert parallelism 2 (checkpoints kept at every step)."""
     work = tmp_path_factory.mktemp("ep2")
-    fit(work, "u", parallel_stage(data, work / "u", world=2, ep=2, steps=3))
+    fit(work, "u", parallel_stage(data, work / "u", world=2, ep=2, steps=3, every=1))
     return work
 
 
@@ -68,20 +68,21 @@ def test_sharded_checkpoint_resumes_on_one_process_at_the_same_next_step_loss(ep
 
 def test_consolidated_checkpoint_generates(ep2_run):
     work = ep2_run
-    final = work / "u" / "final.ckpt"
-    proc = unimoe("checkpoint", "info", str(final), "--json", cwd=work)
+    sharded = work / "u" / "checkpoints" / "step=3.ckpt"  # the weights of the final model
+    final = work / "u" / "final"  # the final model: a model folder, gathered from the ranks' shards
+    proc = unimoe("checkpoint", "info", str(sharded), "--json", cwd=work)
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
-    assert info["format"] == "sharded" and info["global_step"] == 3 and info["optimizer_state"] is False
-    proc = unimoe("checkpoint", "consolidate", str(final), "--out", str(work / "joint.ckpt"), cwd=work)
+    assert info["format"] == "sharded" and info["global_step"] == 3 and info["optimizer_state"] is True
+    proc = unimoe("checkpoint", "consolidate", str(sharded), "--out", str(work / "joint.ckpt"), cwd=work)
     assert proc.returncode == 0, proc.stderr
-    assert unimoe("checkpoint", "consolidate", str(final), "--out", str(work / "joint.ckpt"), cwd=work).returncode == 2
-    proc = unimoe("export", str(final), str(work / "joint-model"), cwd=work)  # the pickle-free model folder
+    assert unimoe("checkpoint", "consolidate", str(sharded), "--out", str(work / "joint.ckpt"), cwd=work).returncode == 2
+    proc = unimoe("export", str(sharded), str(work / "joint-model"), cwd=work)  # the pickle-free model folder
     assert proc.returncode == 0, proc.stderr[-2000:]
     from_file, meta = load_model(work / "joint.ckpt")
     from_folder, _ = load_model(final)  # generation, evaluation, upcycle and init_from read folders too
     exported, _ = load_model(work / "joint-model")
-    next_stage = JointStage(init_from=str(final))  # init_from straight from the sharded folder
+    next_stage = JointStage(init_from=str(sharded))  # init_from straight from the sharded folder
     assert meta.stage == "joint" and meta.config.moe.num_routed_experts == 4
     assert next_stage.lineage["init_from"]["stage"] == "joint"
     for (name, a), (_, b), (_, c) in zip(from_file.state_dict().items(), from_folder.state_dict().items(),
@@ -143,7 +144,7 @@ def test_a_killed_rank_resumes_through_the_curriculum(tmp_path, data):
     assert f"resuming at step {saved_step}/6" in second.stderr
     done = json.loads((tmp_path / "runs" / "joint" / "DONE.json").read_text())
     assert done["global_step"] == 6 and done["resumed_from"]["step"] == saved_step
-    model, meta = load_model(tmp_path / "runs" / "joint" / "final.ckpt")
+    model, meta = load_model(tmp_path / "runs" / "joint" / "final")
     assert meta.stage == "joint" and all(torch.isfinite(p).all() for p in model.parameters())
     run = tmp_path / "runs" / "joint"
     # under the strategy, validation ran on both ranks, routing counts were summed over them, and rank 0

@@ -46,6 +46,9 @@ from typing import Any, Callable
 from unimoe.atomic import FAULT_KILL_ENV, FAULT_TRACE_ENV
 
 COMMANDS = ("tokenize", "curriculum", "upcycle", "evaluate")
+EXTRA_COMMANDS = ("curriculum_sharded",)
+"""Not run by default: the curriculum stage on 2 CPU ranks under MoEParallelStrategy (FSDP2),
+whose ``last.ckpt`` is a sharded checkpoint folder (about 4x the time of ``curriculum``)."""
 
 
 @dataclass
@@ -156,6 +159,10 @@ def _check_file(path: Path) -> None:
         import torch
 
         torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if path.name == "meta.pt" and any(path.parent.glob("*.distcp")):  # a sharded checkpoint: assemble it
+            from unimoe.checkpoint import open_model_file
+
+            dict(open_model_file(path.parent).tensors)
     elif suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -320,6 +327,9 @@ def prepare(root: Path, data: Path | None = None) -> dict[str, Scenario]:
         ], run / "tokenize", tokenize_digest),
         "curriculum": Scenario("curriculum", ["curriculum", "--config", str(_curriculum(inputs, data)), "--root",
                                               str(run / "curriculum")], run / "curriculum", curriculum_digest),
+        "curriculum_sharded": Scenario("curriculum_sharded", [
+            "curriculum", "--config", str(_curriculum(inputs, data, ranks=2)), "--root", str(run / "curriculum_sharded"),
+        ], run / "curriculum_sharded", curriculum_digest),
         "upcycle": Scenario("upcycle", [
             "upcycle", "--specialists", *map(str, _specialists(inputs, data)), "--out", str(run / "upcycle" / "upcycled"),
             "--pieces", "2", "--moe.num_routed_experts", "6", "--moe.routed_intermediate_size", "64",
@@ -333,8 +343,19 @@ def prepare(root: Path, data: Path | None = None) -> dict[str, Scenario]:
     return scenarios
 
 
-def _curriculum(inputs: Path, data: Path) -> Path:
-    stage = inputs / "stage.yaml"
+def _curriculum(inputs: Path, data: Path, ranks: int = 1) -> Path:
+    """One 16-step specialist stage; with ``ranks`` > 1 on that many CPU ranks under
+    MoEParallelStrategy (FSDP2; its checkpoints are sharded folders)."""
+    suffix = "" if ranks == 1 else f"_{ranks}ranks"
+    parallel = "" if ranks == 1 else textwrap.indent(textwrap.dedent(f"""\
+        accelerator: cpu
+        devices: {ranks}
+        use_distributed_sampler: false
+        strategy:
+          class_path: unimoe.training.parallel.MoEParallelStrategy
+          init_args: {{expert_parallel_size: 1, mixed_precision: fp32}}
+        """), "  ")
+    stage = inputs / f"stage{suffix}.yaml"
     stage.write_text(textwrap.dedent(f"""\
         model:
           class_path: SpecialistStage
@@ -350,13 +371,14 @@ def _curriculum(inputs: Path, data: Path) -> Path:
           num_sanity_val_steps: 0
           val_check_interval: 8
           check_val_every_n_epoch: null
-        """))
-    cur = inputs / "curriculum.yaml"
-    cur.write_text(textwrap.dedent("""\
+        """) + parallel)
+    cur = inputs / f"curriculum{suffix}.yaml"
+    cur.write_text(textwrap.dedent(f"""\
         name: fault-injection
+        launcher: {"inprocess" if ranks == 1 else "subprocess"}
         checkpoint_every_n_steps: 2
         stages:
-          - {name: specialist_tts, config: stage.yaml}
+          - {{name: specialist_tts, config: {stage.name}}}
         """))
     return cur
 
@@ -530,7 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trials", type=int, default=10, help="trials per command (each: 1-2 kills, then a full re-run)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--commands", nargs="*", default=list(COMMANDS), choices=COMMANDS)
+    p.add_argument("--commands", nargs="*", default=list(COMMANDS), choices=COMMANDS + EXTRA_COMMANDS,
+                   help=f"default: {' '.join(COMMANDS)}; also {' '.join(EXTRA_COMMANDS)} (2 CPU ranks, sharded checkpoints)")
     p.add_argument("--max-kills", type=int, default=2, help="kills in a row per trial (the resumed run is killed too)")
     p.add_argument("--work", default=None, help="working folder (default: a temporary one, removed at the end)")
     p.add_argument("--data", default=None, help="an existing tiny data root (unimoe.data.demo.tiny); default: build one")

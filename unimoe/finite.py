@@ -14,8 +14,9 @@ class NonFiniteWeightsError(RuntimeError):
     """A checkpoint was about to be written with NaN/inf weights; it names the tensors."""
 
 
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t  # DTensor shards: check this rank's part
+def local_tensor(t: Tensor) -> Tensor:
+    """This rank's part of a DTensor (a plain tensor as is): each rank checks its own shards."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def nonfinite_tensors(tensors: Iterable[tuple[str, Any]]) -> list[tuple[str, int, int]]:
@@ -24,7 +25,7 @@ def nonfinite_tensors(tensors: Iterable[tuple[str, Any]]) -> list[tuple[str, int
     for name, t in tensors:
         if not isinstance(t, Tensor) or not (t.is_floating_point() or t.is_complex()):
             continue
-        t = _local(t).detach()
+        t = local_tensor(t).detach()
         if t.numel() == 0 or bool(torch.isfinite(t).all()):
             continue
         bad.append((name, int(torch.isnan(t).sum()), int(torch.isinf(t).sum())))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -126,14 +127,14 @@ def _is_unimoe_stage(module: L.LightningModule) -> bool:
 
 
 def _checkpoint_to_folder(tmp: Path, folder: Path) -> None:
-    """The stage's just-written checkpoint -> a model folder (tensors streamed from the mmapped file)."""
+    """The stage's just-written checkpoint (a file, or a sharded folder) -> a model folder."""
     from unimoe.checkpoint import open_model_file, save_model_folder
 
     try:
         opened = open_model_file(tmp)
         save_model_folder(folder, opened.tensors, opened.metadata)
-    finally:
-        tmp.unlink(missing_ok=True)
+    finally:  # a file, or a sharded folder under MoEParallelStrategy
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
 def write_status_json(path: Path, data: dict) -> None:

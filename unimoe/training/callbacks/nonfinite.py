@@ -11,7 +11,7 @@ steps in a run (the count survives a resume) it stops with :class:`NonFiniteTrai
 before any update with the bad gradient; no checkpoint is written on that path.
 
 :func:`check_finite_weights` is the last line of defence: the stage modules call it on every
-checkpoint they are about to write (``last.ckpt``, ``final.ckpt``), and
+checkpoint they are about to write (``last.ckpt``, the final model), and
 :func:`unimoe.checkpoint.save_model_checkpoint` on its own, so weights that became non-finite
 in another way (an overflowing update) are refused and the previous good file stays.
 """
@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from unimoe.finite import check_finite_weights, nonfinite_tensors
+from unimoe.finite import check_finite_weights, local_tensor, nonfinite_tensors
 
 __all__ = ["NonFiniteGuard", "NonFiniteTrainingError", "check_finite_weights"]
 
@@ -80,8 +80,10 @@ class NonFiniteGuard(Callback):
         check_norm = self.check_gradients and scaler is None and bool(params)
         values = list(losses)
         if check_norm:
-            norm = torch.nn.utils.get_total_norm([p.grad for _, p in params])
-            values.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float().reshape(1))
+            # the norm of this rank's gradient shards (sharded on several meshes under FSDP2 x EP, where
+            # one norm over the DTensors cannot be taken): non-finite on any rank -> the flag below
+            norm = torch.nn.utils.get_total_norm([local_tensor(p.grad) for _, p in params])
+            values.append(norm.float().reshape(1))
         if not values:
             return
         stacked = torch.cat([v.to(pl_module.device) for v in values])
