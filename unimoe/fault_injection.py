@@ -488,7 +488,10 @@ def trial(scenario: Scenario, ref: RunResult, ref_digest: Any, rng: random.Rando
         if mode == "write":
             n = int(value)
             run = run_once(scenario, kill_at_write=n)
-            point = KillPoint("write", f"write {n}: {_short(ref.writes[n - 1], scenario.out)}", write_kind(ref.writes[n - 1]))
+            # named from this run's own trace: a resumed run writes fewer files than the reference
+            written = run.writes[n - 1] if len(run.writes) >= n else None
+            point = (KillPoint("write", f"write {n}: {_short(written, scenario.out)}", write_kind(written)) if written
+                     else KillPoint("write", f"write {n} (the run made only {len(run.writes)})"))
         else:
             delay = float(value) * ref.seconds
             run = run_once(scenario, kill_after=delay)
