@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 
+from unimoe.atomic import write_text_atomic
 from unimoe.jsonl import resolve_path
 from unimoe.registry import METRICS, ComponentSpec
 
@@ -212,7 +213,7 @@ def _pairing(
         if limit:
             rows = rows[:limit]
         requests = gen_dir / "requests.jsonl"
-        requests.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        write_text_atomic(requests, "".join(json.dumps(r) + "\n" for r in rows))
         produced = generator(requests, gen_dir)
         return pair_with_generated_manifest(produced, requests, None, split)
     if wavs is not None:

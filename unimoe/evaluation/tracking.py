@@ -17,7 +17,9 @@ DEFAULT_EXPERIMENT = "unimoe-eval"
 
 
 def default_tracking_uri(out_dir: str | Path) -> str:
-    return f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"
+    from unimoe.mlflow_store import sqlite_tracking_uri
+
+    return sqlite_tracking_uri(out_dir)
 
 
 def log_report(
