@@ -26,6 +26,9 @@ class ExpertGroup(nn.Module):
     """
 
     takes_tokens: bool = True
+    supports_small_batch: bool = False
+    """True when :meth:`expert_forward` and :meth:`all_experts_forward` are implemented (the
+    decoding paths of :mod:`unimoe.moe.small_batch`); otherwise the grouped path is always used."""
 
     def __init__(self, num_experts: int) -> None:
         super().__init__()
@@ -42,6 +45,14 @@ class ExpertGroup(nn.Module):
         """
         raise NotImplementedError
 
+    def expert_forward(self, x: Tensor, expert: int) -> Tensor:
+        """Local expert ``expert`` on every row: ``x [T, D]`` -> ``[T, D]``."""
+        raise NotImplementedError(f"{type(self).__name__} has no single-expert path")
+
+    def all_experts_forward(self, x: Tensor) -> Tensor:
+        """Every expert on every row: ``x [T, D]`` -> ``[E_g, T, D]``."""
+        raise NotImplementedError(f"{type(self).__name__} has no all-experts path")
+
 
 @EXPERTS.register("swiglu")
 class SwiGLUExperts(ExpertGroup):
@@ -50,6 +61,8 @@ class SwiGLUExperts(ExpertGroup):
     Weights (layout of :mod:`unimoe.moe.ffn`, plus a leading expert dim):
     ``gate_up_proj`` [E, 2, F, D], ``down_proj`` [E, D, F]. Gate and up are one GEMM.
     """
+
+    supports_small_batch = True
 
     def __init__(
         self, hidden_size: int, intermediate_size: int, num_experts: int, grouped_mm: GroupedImpl = "auto"
@@ -76,6 +89,16 @@ class SwiGLUExperts(ExpertGroup):
         h = grouped_mm(x, w_gate_up, offsets, impl=self.impl, exact_rows=True)  # [N, 2F]
         gate, up = h.split(f, dim=-1)
         return grouped_mm(torch.nn.functional.silu(gate) * up, w_down, offsets, impl=self.impl, exact_rows=True)
+
+    def expert_forward(self, x: Tensor, expert: int) -> Tensor:
+        return swiglu(x, self.gate_up_proj[expert].to(x.dtype), self.down_proj[expert].to(x.dtype))
+
+    def all_experts_forward(self, x: Tensor) -> Tensor:
+        e, _, f, d = self.gate_up_proj.shape
+        w_gate_up = self.gate_up_proj.to(x.dtype).reshape(e, 2 * f, d).transpose(1, 2)  # [E, D, 2F]
+        h = torch.matmul(x.unsqueeze(0), w_gate_up)  # [E, T, 2F]
+        gate, up = h.split(f, dim=-1)
+        return torch.matmul(torch.nn.functional.silu(gate) * up, self.down_proj.to(x.dtype).transpose(1, 2))  # [E, T, D]
 
     def extra_repr(self) -> str:
         return (
