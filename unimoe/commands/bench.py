@@ -11,7 +11,8 @@ import sys
 # name -> ("module:function" taking argv and returning an exit code, one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "moe": ("unimoe.bench.moe:main", "MoE layer forward+backward: ours vs loop / padded / ideal, null-expert saving"),
-    "generate": ("unimoe.bench.generate:main", "decoding frames/s and RTF: KV cache vs recompute, lowered router top-p"),
+    "generate": ("unimoe.bench.generate:main", "decoding: vs a MusicGen-style peer, compiled, cache, batches, MoE paths, budgets"),
+    "adaptive": ("unimoe.bench.adaptive:main", "a trained MoE checkpoint: loss and decoding speed per router top-p / expert budget"),
 }
 
 

@@ -186,6 +186,9 @@ class DecodeState:
         self.delays = torch.tensor(plan.delays, dtype=torch.long, device=device)
         self.step = torch.ones((), dtype=torch.long, device=device)
         self.tokens = torch.zeros(n, C, dtype=torch.long, device=device)
+        self.collected = torch.zeros(n, dtype=torch.bool, device=device)
+        self.ready = torch.zeros((), dtype=torch.bool, device=device)
+        """Some row finished and is not collected yet: the loop's one-scalar check."""
         uniforms = None
         if not sampler.all_greedy:
             folded = torch.tensor([fold_seed(s) for s in seeds], dtype=torch.long, device=device)
@@ -196,11 +199,12 @@ class DecodeState:
         self.expert_sums = torch.zeros(n, M, device=device) if count_experts else None
         self.expert_tokens = torch.zeros(n, device=device) if count_experts else None
         self.min_start = max(plan.min_frames, 1)  # EOS may end the clip once frame min_start exists
-        for name in self.PER_ROW + ("delays", "step"):
+        for name in self.PER_ROW + ("delays", "step", "ready"):
             if getattr(self, name) is not None:
                 mark_static_address(getattr(self, name))
 
-    PER_ROW = ("frames", "eos_frame", "forced_end", "limit", "tokens", "uniforms", "expert_sums", "expert_tokens")
+    PER_ROW = ("frames", "eos_frame", "forced_end", "limit", "tokens", "uniforms", "expert_sums", "expert_tokens",
+               "collected")
 
     @property
     def rows(self) -> int:
@@ -236,6 +240,7 @@ class DecodeState:
         tokens = torch.where(forced, values, drawn)
         self.frames.index_copy_(2, self.step.view(1), tokens.unsqueeze(-1))
         self.tokens.copy_(tokens)
+        self.ready.copy_((self.done() & ~self.collected).any())
         if self.keep_trace:
             self.trace.append(StepTrace(int(self.step), [self.requests[r] for r in live_before],
                                         cond[live_before].clone(), None if uncond is None else uncond[live_before].clone(),
@@ -346,10 +351,15 @@ class Harvest:
     def complete(self) -> bool:
         return len(self.collected) == self.plan.n
 
-    def collect(self, state: DecodeState) -> Tensor:
-        """Take every newly finished row (one host sync); returns ``[m]`` bool of rows still running."""
+    def collect(self, state: DecodeState) -> Tensor | None:
+        """Take every newly finished row; returns ``[m]`` bool of rows still running, or None when
+        nothing finished since the last call (then the check cost one scalar read)."""
+        if not bool(state.ready):
+            return None
         done = state.done()
-        rows = done.nonzero().flatten().tolist()
+        rows = (done & ~state.collected).nonzero().flatten().tolist()
+        state.collected.logical_or_(done)
+        state.ready.fill_(False)
         if rows:
             ends = (state.eos_frame[rows] + self.plan.tail).tolist()
             forced = state.forced_end[rows].tolist()
@@ -444,7 +454,7 @@ def decode(
             running = harvest.collect(state)
             if harvest.complete:
                 break
-            if stepper.drops_rows and not bool(running.all()):
+            if running is not None and stepper.drops_rows and not bool(running.all()):
                 stepper.keep(running.nonzero().flatten())
         if step >= plan.max_steps:  # cannot happen: every request ends by its limit
             raise RuntimeError("decode: ran past the duration guard")
