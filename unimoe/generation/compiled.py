@@ -52,7 +52,7 @@ def compile_step(step: nn.Module, device: torch.device) -> Callable[[], None]:
     """A callable that runs ``step()`` compiled; the first call compiles and any failure is a :class:`CompileError`."""
     check_toolchain(device)
     cuda = device.type == "cuda"
-    options = None if cuda else {"cpp_wrapper": os.environ.get("UNIMOE_CPP_WRAPPER", "1") == "1"}
+    options = None if cuda else {"cpp_wrapper": True}  # a C++ wrapper: no Python between the kernels
     compiled = torch.compile(step, mode="reduce-overhead" if cuda else None, fullgraph=True, dynamic=False, options=options)
     first = True
 

@@ -277,6 +277,7 @@ class CachedStep(nn.Module):
         super().__init__()
         self.model, self.state = model, state
         self.cache = cache  # an nn.Module (static) or a plain object (dynamic)
+        self.moe = model.config.moe is not None
 
     @property
     def drops_rows(self) -> bool:
@@ -288,9 +289,13 @@ class CachedStep(nn.Module):
     def forward(self) -> None:
         state = self.state
         R = state.plan.rows_per_request
-        live = ~state.done()
-        out = self.model.step(state.tokens.repeat(R, 1), self.cache, token_mask=live.repeat(R), stats="counts")
-        state.count(out.routing, live)
+        fed = state.tokens if R == 1 else state.tokens.repeat(R, 1)
+        if self.moe:
+            live = ~state.done()
+            out = self.model.step(fed, self.cache, token_mask=live.repeat(R), stats="counts")
+            state.count(out.routing, live)
+        else:  # a dense model: nothing to route or count
+            out = self.model.step(fed, self.cache, stats="counts")
         state.step.add_(1)
         state.choose(out.logits[:, 0])
 
