@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,11 @@ import torch
 HELPERS = Path(__file__).parent / "helpers"
 if str(HELPERS) not in sys.path:
     sys.path.insert(0, str(HELPERS))
+
+# Whisper in float32 unless the caller forces another compute type (UNIMOE_ASR_COMPUTE_TYPE=int8
+# pytest ...): int8 kernels differ by CPU, float32 is the portable reference for the WER bounds.
+# Subprocesses started by tests (the CLI tests) inherit it.
+os.environ.setdefault("UNIMOE_ASR_COMPUTE_TYPE", "float32")
 
 
 @pytest.fixture(scope="module")

@@ -152,7 +152,7 @@ def test_final_checkpoint_only_after_a_normal_end_and_never_over_a_finished_stag
     fit(tmp_path / "ok", [])
     record = json.loads((tmp_path / "ok" / "final_metrics.json").read_text())
     assert record["global_step"] == 2 and "train/loss" in record["metrics"]
-    ckpt = torch.load(tmp_path / "ok" / "final.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "ok" / "final.ckpt", weights_only=True)
     assert "optimizer_states" not in ckpt and ckpt["unimoe"]["stage"] == "specialist"
     (tmp_path / "ok" / "DONE.json").write_text("{}")
     before = (tmp_path / "ok" / "final.ckpt").read_bytes()

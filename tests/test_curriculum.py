@@ -126,8 +126,8 @@ def test_every_stage_leaves_a_self_describing_checkpoint(curriculum_run):
     assert joint.extra["init_from"]["stage"] == "warmup"
     assert set(joint.extra["data_tasks"]) == {"tts", "t2m", "v2m"}
     # the warmup stage changed only routers and shared experts of the upcycled model
-    upcycled = torch.load(root / "upcycle" / "upcycled.ckpt", weights_only=False)["state_dict"]
-    warmed = torch.load(root / "warmup" / "final.ckpt", weights_only=False)["state_dict"]
+    upcycled = torch.load(root / "upcycle" / "upcycled.ckpt", weights_only=True)["state_dict"]
+    warmed = torch.load(root / "warmup" / "final.ckpt", weights_only=True)["state_dict"]
     for key, value in upcycled.items():
         same = torch.equal(value, warmed[key])
         assert same != (".ffn.router." in key or ".ffn.shared_experts." in key), key

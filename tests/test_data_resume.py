@@ -133,7 +133,7 @@ def test_resume_continues_the_exact_batch_sequence(shards, straight, tmp_path, w
     root, seen = straight
     k = _resume_points(seen)[where]
     ckpt = root / f"step={k}.ckpt"
-    state = torch.load(ckpt, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    state = torch.load(ckpt, weights_only=True)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     epoch = seen[k - 1][0]  # the checkpoint after step k: k batches done, the last of them in this epoch
     assert state[0]["batch_sampler"]["epoch"] == epoch
     assert state[0]["batch_sampler"]["position"] == sum(1 for e, _ in seen[:k] if e == epoch)
@@ -185,7 +185,7 @@ def test_checkpoint_without_data_state_resumes_the_old_way(shards, straight, tmp
     root, seen = straight
     n = _epoch_lengths(seen)[0]
     k = n + 2  # two batches into epoch 1
-    ckpt = torch.load(root / f"step={k}.ckpt", weights_only=False)
+    ckpt = torch.load(root / f"step={k}.ckpt", weights_only=True)
     del ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]  # as written before loaders were resumable
     old = tmp_path / "old.ckpt"
     torch.save(ckpt, old)

@@ -8,6 +8,7 @@ CLI test (test_eval_cli.py) reuses.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,7 +26,7 @@ from unimoe.evaluation.normalize import normalize_text
 from unimoe.evaluation.runner import build_backend, run_suite
 from unimoe.evaluation.similarity import cosine_similarity
 from unimoe.evaluation.suite import parse_suite
-from unimoe.evaluation.text_metrics import word_errors
+from unimoe.evaluation.text_metrics import corpus_rate, word_errors
 from unimoe.registry import METRICS
 
 POLICY = ClipPolicy()
@@ -48,22 +49,42 @@ def _clip(path: Path, sr: int) -> np.ndarray:
 
 # ------------------------------------------------------------------ real offline backends
 def test_resemblyzer_sim_identical_is_one_and_same_voice_beats_other_voice(speech):
+    """A ranking, not a value: cosine similarities move by ~1e-5 between CPU kernels, while the
+    gap asserted here is wide. Measured (x86-64, 1 and 2 threads): the same espeak voice on
+    another sentence 0.875-0.928, another voice on the same sentence 0.59-0.67, so a 0.1
+    margin leaves room for about twice that gap to shrink before the test fails."""
     enc = build_backend("resemblyzer")
     emb = {k: enc.embed_speaker(_clip(p, enc.sample_rate)) for k, p in speech.items()}
     same_audio = float(cosine_similarity(emb["m3_s1"], enc.embed_speaker(_clip(speech["m3_s1"], enc.sample_rate))))
     same_voice = float(cosine_similarity(emb["m3_s1"], emb["m3_s2"]))  # same voice, different sentence
     other_voice = float(cosine_similarity(emb["m3_s1"], emb["f3_s1"]))  # same sentence, other voice
-    assert same_audio == pytest.approx(1.0, abs=1e-5)
+    assert same_audio == pytest.approx(1.0, abs=1e-5)  # the same clip twice in one process
     assert same_voice > other_voice + 0.1
     assert emb["m3_s1"].shape == (256,)
 
 
 def test_whisper_base_offline_transcribes_espeak_speech(speech):
+    """A WER bound and a ranking, never exact words: which words a quantised Whisper hears
+    depends on the CPU's kernels (on an AMD EPYC the int8 model dropped "brown" from s1,
+    a transcript this machine gets right). The tests run Whisper in float32 (tests/conftest.py
+    sets UNIMOE_ASR_COMPUTE_TYPE=float32 unless it is already set), and the bounds also hold for
+    int8.
+
+    Measured here (x86-64; float32, int8 and int8_float32; 1 and 2 threads: identical): 1 error
+    in the 17 words of the two clear clips ("jumps" heard as "dumps"), WER 0.06. The bound 0.3
+    (5 errors) leaves 4 more words to lose on another CPU; what it guards against gives WER 1.0
+    here: reversed speech, noise, or a wrong language. A wrong sample rate (22.05 kHz read
+    as 16 kHz) gives 0.22 on s1 alone and is caught by the sample-rate contract elsewhere.
+    The ranking: each clip's transcript is far closer to its own sentence (0.0-0.11) than to
+    the other clip's (0.89-1.0)."""
     asr = build_backend("whisper_base_offline")
-    ref = normalize_text(SENTENCES["s1"])
-    hyp = normalize_text(asr.transcribe(_clip(speech["m3_s1"], asr.sample_rate), "en"))
-    assert word_errors(hyp, ref).rate <= 0.25, hyp
-    assert {"quick", "brown", "fox", "lazy"} <= set(hyp.split())
+    clips = {"s1": speech["m3_s1"], "s3": speech["f3_s3"]}
+    hyps = {s: normalize_text(asr.transcribe(_clip(path, asr.sample_rate), "en")) for s, path in clips.items()}
+    refs = {s: normalize_text(SENTENCES[s]) for s in clips}
+    assert corpus_rate([word_errors(hyps[s], refs[s]) for s in clips]) <= 0.3, hyps
+    for s, other in (("s1", "s3"), ("s3", "s1")):
+        assert word_errors(hyps[s], refs[s]).rate + 0.5 < word_errors(hyps[s], refs[other]).rate, hyps
+    assert "Whisper" in asr.describe() and asr.compute_type in asr.describe()
 
 
 def test_whisper_wer_is_reproducible_on_audio_that_defeats_it(speech):
@@ -85,6 +106,9 @@ def test_pocketsphinx_decodes_speech_to_words(speech):
 
 
 def test_dnsmos_rates_speech_above_noise(speech, tmp_path):
+    """A ranking and the scale's range, not values: DNSMOS (ONNX, float32) moves in the third
+    decimal between CPUs. Measured here: OVRL 2.83 for this clip (2.1-2.95 over six espeak
+    clips), 1.08 for white noise, so the 0.5 margin is a third of the gap."""
     q = build_backend("dnsmos")
     noise = (np.random.default_rng(0).standard_normal(3 * 16000) * 0.2).clip(-1, 1).astype(np.float32)
     speech_scores = q.predict_quality(_clip(speech["m3_s1"], 16000))
@@ -217,11 +241,26 @@ def test_clap_score_code_path_with_a_tiny_model(tmp_path):
     [("wavlm_sv", "transformers"), ("whisper_hf", "transformers"), ("clap_hf", "transformers"),
      ("laion_clap", "laion_clap"), ("openl3", "openl3"), ("passt", "hear21passt")],
 )
-def test_hub_backends_without_their_library_raise_a_clear_error(spec, package):
-    if importlib.util.find_spec(package) is not None:
-        pytest.skip(f"{package} is installed here")
+def test_hub_backends_without_their_library_raise_a_clear_error(spec, package, monkeypatch):
+    monkeypatch.setitem(sys.modules, package, None)  # as if not installed (transformers is a dev dependency)
     with pytest.raises(BackendUnavailableError, match=rf"needs the Python package .*{package}.*pip install"):
         METRICS.build(spec)
+
+
+def test_asr_compute_type_is_chosen_by_the_environment_and_checked(monkeypatch):
+    from unimoe.evaluation.backends.asr import COMPUTE_TYPE_ENV, resolve_compute_type
+
+    monkeypatch.delenv(COMPUTE_TYPE_ENV, raising=False)
+    assert resolve_compute_type("default", "cpu") == "int8" and resolve_compute_type("default", "cuda") == "float16"
+    monkeypatch.setenv(COMPUTE_TYPE_ENV, "float32")
+    assert resolve_compute_type("default", "cpu") == "float32"
+    assert resolve_compute_type("int8", "cpu") == "int8"  # an explicit choice in a suite wins
+    monkeypatch.setenv(COMPUTE_TYPE_ENV, "fp32")
+    with pytest.raises(BackendUnavailableError, match=r"UNIMOE_ASR_COMPUTE_TYPE='fp32' is not a CTranslate2 compute"):
+        resolve_compute_type("default", "cpu")
+    pytest.importorskip("faster_whisper")
+    with pytest.raises(BackendUnavailableError, match=r"compute_type='int4' is not"):
+        METRICS.build({"name": "faster_whisper", "model": "unused", "compute_type": "int4", "device": "cpu"})
 
 
 def test_faster_whisper_with_a_missing_local_model_is_a_clear_error(tmp_path):

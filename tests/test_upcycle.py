@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unimoe.checkpoint import CheckpointMetadata, load_model, save_model_checkpoint
+from unimoe.checkpoint import CheckpointMetadata, load_model, save_model
 from unimoe.model.config import AudioLMConfig
 from unimoe.model.tasks import collate
 from unimoe.model.transformer import AudioLM
@@ -151,7 +151,8 @@ def test_mismatched_specialists_are_refused():
         upcycle(specs, moe_config(2), pieces=2)
 
 
-def test_upcycle_command_writes_a_checkpoint_the_warmup_stage_reads(tmp_path, capsys):
+@pytest.mark.parametrize("suffix", [".ckpt", ""])  # .ckpt files, or model folders in and out
+def test_upcycle_command_writes_a_checkpoint_the_warmup_stage_reads(tmp_path, capsys, suffix):
     from unimoe.commands.upcycle import main
     from unimoe.training.stages import WarmupStage
 
@@ -159,11 +160,12 @@ def test_upcycle_command_writes_a_checkpoint_the_warmup_stage_reads(tmp_path, ca
     for spec in specialists():
         model = AudioLM(DENSE)
         model.load_state_dict(spec.state)
-        paths.append(str(save_model_checkpoint(tmp_path / f"{spec.name}.ckpt", model, spec.metadata)))
-    out = tmp_path / "up.ckpt"
+        paths.append(str(save_model(tmp_path / f"{spec.name}{suffix}", model, spec.metadata)))
+    out = tmp_path / f"up{suffix}"
     args = ["--specialists", *paths, "--out", str(out), "--moe.num_routed_experts", "6",
             "--moe.routed_intermediate_size", "64", "--moe.num_shared_experts", "1", "--moe.shared_intermediate_size", "32"]
     assert main(args) == 0
+    assert out.is_dir() == (suffix == "")
     model, meta = load_model(out)
     assert meta.stage == "upcycle" and meta.config.moe.num_routed_experts == 6 and meta.codec == {"name": "spectral_rvq", "path": "c.pt"}
     assert meta.extra["expert_labels"][:2] == ["tts.0", "tts.1"]

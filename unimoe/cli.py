@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("unimoe.commands.data:main", "build the offline demo corpus, import and validate manifests"),
     "codec": ("unimoe.commands.codec:main", "fit the embedded spectral_rvq codec on a corpus; round-trip a file"),
     "tokenize": ("unimoe.commands.tokenize:main", "encode a manifest's audio into codec-token shards"),
+    "export": ("unimoe.commands.export:main", "write a checkpoint as a pickle-free model folder (safetensors + JSON)"),
     "generate": ("unimoe.commands.generate:main", "generate speech or music from a checkpoint"),
     "evaluate": ("unimoe.commands.evaluate:main", "score a checkpoint or a folder of WAVs with a suite"),
     "bench": ("unimoe.commands.bench:main", "run a benchmark and print JSON"),

@@ -19,6 +19,14 @@ from torch import nn
 from unimoe.audio import AudioFileError, load_audio
 
 
+def exact_length(wav: torch.Tensor, length: int) -> torch.Tensor:
+    """Trim or zero-pad ``wav [..., S]`` to ``length``: decoders whose convolutions lose or add a
+    few edge samples still honour ``decode``'s ``T * hop_length`` contract."""
+    if wav.shape[-1] >= length:
+        return wav[..., :length]
+    return torch.nn.functional.pad(wav, (0, length - wav.shape[-1]))
+
+
 class AudioCodec(nn.Module, ABC):
     """Waveform ``[B, 1, S]`` <-> codes ``[B, C, T]`` with ``T = ceil(S / hop_length)``."""
 

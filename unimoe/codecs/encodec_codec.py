@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from encodec import EncodecModel
 
-from unimoe.codecs.base import AudioCodec
+from unimoe.codecs.base import AudioCodec, exact_length
 from unimoe.codecs.kmeans import nearest
 from unimoe.codecs.weights import encodec_24khz_state_dict
 from unimoe.registry import CODECS
@@ -113,14 +113,7 @@ class EncodecCodec(AudioCodec):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         codes = self.check_codes(codes)  # [B, C, T]
         wav = self.model.decode([(codes, None)])  # [B, 1, T * 320]
-        return _exact_length(wav, codes.shape[-1] * self.hop_length)
+        return exact_length(wav, codes.shape[-1] * self.hop_length)
 
     def describe(self) -> dict:
         return {**super().describe(), "bandwidth_kbps": self.bandwidth, "pretrained": self.pretrained}
-
-
-def _exact_length(wav: torch.Tensor, length: int) -> torch.Tensor:
-    """Trim or zero-pad ``wav [..., S]`` to ``length`` so decode honours ``T * hop_length``."""
-    if wav.shape[-1] >= length:
-        return wav[..., :length]
-    return torch.nn.functional.pad(wav, (0, length - wav.shape[-1]))

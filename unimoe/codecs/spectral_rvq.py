@@ -232,7 +232,10 @@ def _read_codec_file(path: Path) -> tuple[SpectralRVQConfig, torch.Tensor, torch
     except Exception as exc:  # truncated, foreign or non-torch files raise several types
         raise CodecFileError(f"cannot read spectral_rvq codec file {path}: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
-        raise CodecFileError(f"{path} is not a spectral_rvq codec file (no format tag {FILE_FORMAT!r})")
+        hint = ""
+        if isinstance(payload, dict) and {"metadata", "state_dict"} <= set(payload):
+            hint = f"; it looks like descript-audio-codec weights: use --codec '{{name: dac, path: {path}}}'"
+        raise CodecFileError(f"{path} is not a spectral_rvq codec file (no format tag {FILE_FORMAT!r}){hint}")
     if payload.get("version") != FILE_VERSION:
         raise CodecFileError(f"{path} has spectral_rvq file version {payload.get('version')!r}; this unimoe reads {FILE_VERSION}")
     try:

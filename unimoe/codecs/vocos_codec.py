@@ -23,8 +23,8 @@ from vocos.feature_extractors import EncodecFeatures
 from vocos.heads import ISTFTHead
 from vocos.models import VocosBackbone
 
-from unimoe.codecs.base import AudioCodec
-from unimoe.codecs.encodec_codec import EncodecCodec, _bandwidth_codebooks, _exact_length
+from unimoe.codecs.base import AudioCodec, exact_length
+from unimoe.codecs.encodec_codec import EncodecCodec, _bandwidth_codebooks
 from unimoe.codecs.weights import ENCODEC_24KHZ_FILE, vocos_encodec_state_dict
 from unimoe.registry import CODECS
 
@@ -120,7 +120,7 @@ class VocosCodec(AudioCodec):
         features = self.vocos.codes_to_features(codes.transpose(0, 1))  # [B, 128, T]
         bandwidth_id = torch.tensor([self.bandwidth_id], device=codes.device)
         wav = self.vocos.decode(features, bandwidth_id=bandwidth_id)  # [B, T * 320]
-        return _exact_length(wav.unsqueeze(1), codes.shape[-1] * self.hop_length)
+        return exact_length(wav.unsqueeze(1), codes.shape[-1] * self.hop_length)
 
     def describe(self) -> dict:
         return {**super().describe(), "bandwidth_kbps": self.bandwidth, "pretrained": self.pretrained}

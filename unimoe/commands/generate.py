@@ -37,7 +37,7 @@ def _per_codebook(kind: type):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unimoe generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="unimoe checkpoint (a stage's .ckpt or 'unimoe upcycle' output)")
+    p.add_argument("--ckpt", required=True, help="unimoe model: a model folder (unimoe export, a stage's final/, unimoe upcycle) or a .ckpt")
     p.add_argument("--out", required=True, help="output folder for WAVs, sidecars and generated.jsonl")
     one = p.add_argument_group("one request (or use --requests)")
     one.add_argument("--task", help="tts | t2m | v2m (or a plug-in task)")

@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from unimoe.codecs.spectral_rvq import CodecFileError
+    from unimoe.codecs.weights import CodecWeightsError
     from unimoe.data.manifest import ManifestError
     from unimoe.data.shards import ShardError
     from unimoe.data.tokenize import TokenizeConfig, tokenize_manifest
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         report = tokenize_manifest(args.manifest, args.codec, args.out, config=cfg, workers=args.workers,
                                    overwrite=args.overwrite, progress=not args.quiet)
-    except (ManifestError, ShardError, RegistryError, ValueError, FileNotFoundError) as exc:
+    except (ManifestError, ShardError, RegistryError, CodecFileError, CodecWeightsError, ValueError, FileNotFoundError) as exc:
         print(f"unimoe tokenize: error: {exc}", file=sys.stderr)
         return 1
     print(report.summary())

@@ -1,6 +1,6 @@
 """``unimoe upcycle``: merge dense specialist checkpoints into one MoE checkpoint.
 
-    unimoe upcycle --specialists tts.ckpt t2m.ckpt v2m.ckpt --out upcycled.ckpt \\
+    unimoe upcycle --specialists tts/final t2m/final v2m/final --out upcycled \\
         --moe.num_routed_experts 6 --moe.routed_intermediate_size 256 [--pieces 2] [--router_init grouped]
     unimoe upcycle --config upcycle.yaml
 
@@ -9,7 +9,8 @@ owns experts ``s*pieces .. s*pieces+pieces-1``); attention, norms and embeddings
 averaged; the vision encoder comes from the video specialist. ``moe.routed_intermediate_size``
 must equal the specialists' ``intermediate_size / pieces`` and ``moe.num_routed_experts``
 must equal ``len(specialists) * pieces`` (see docs/training.md, "Upcycling"). The output is
-a self-describing checkpoint that ``WarmupStage(init_from=...)`` reads.
+a self-describing model folder (``model.safetensors`` + ``config.json``; a ``.ckpt`` file when
+``--out`` ends in ``.ckpt``) that ``WarmupStage(init_from=...)`` reads.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UpcycleError, CheckpointError, FileExistsError, ValueError) as exc:
         print(f"unimoe upcycle: error: {exc}", file=sys.stderr)
         return 1
-    from unimoe.checkpoint import read_checkpoint, read_metadata
+    from unimoe.checkpoint import open_model_file
 
-    meta = read_metadata(read_checkpoint(path), path)
+    meta = open_model_file(path).metadata
     print(json.dumps({"out": str(path), "experts": meta.extra.get("expert_labels"),
                       "vision_from": meta.extra["upcycle"]["vision_from"]}, indent=2))
     return 0

@@ -67,7 +67,12 @@ def load_checkpoint_generator(ckpt: str | Path, **options: Any) -> Generator:
             "unimoe.generation has no build_generator(ckpt_path, **options) -> Generator yet; "
             "evaluate a folder of WAVs with --wavs instead"
         )
-    generator = build(str(ckpt), **options)
+    from unimoe.checkpoint import CheckpointError
+
+    try:
+        generator = build(str(ckpt), **options)
+    except (CheckpointError, generation.GenerationError) as exc:  # a bad --ckpt is bad input: one line
+        raise EvaluationError(f"--ckpt {ckpt}: {exc}") from exc
     if not callable(generator):
         raise EvaluationError(f"unimoe.generation.build_generator returned {type(generator).__name__}, not a Generator")
     return generator

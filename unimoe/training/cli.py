@@ -30,7 +30,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
@@ -76,7 +75,12 @@ class UniMoECLI(LightningCLI):
                 "stage from another stage's weights at step 0. Drop init_from to resume "
                 "(--model.init_args.init_from=null), or drop --ckpt_path to start over from init_from."
             )
-        checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
+        from unimoe.checkpoint import CheckpointError, read_checkpoint
+
+        try:  # weights_only, as Lightning's own resume loads it (torch's default since 2.6)
+            checkpoint = read_checkpoint(ckpt_path)
+        except CheckpointError as exc:
+            raise ConfigError(f"--ckpt_path: {exc}") from exc
         hparams = dict(checkpoint.get("hyper_parameters") or {})
         saved_class = hparams.get("_class_path")
         wanted = model.get("class_path") if model is not None and hasattr(model, "get") else None
@@ -94,6 +98,26 @@ class UniMoECLI(LightningCLI):
                 args = restored.get(group)
                 if args is not None and hasattr(args, "get") and args.get("init_from") is not None:
                     args["init_from"] = None  # resumed weights come from ckpt_path, not from init_from
+
+    def before_instantiate_classes(self) -> None:
+        """Open ``init_from`` before the module is built, so a bad file is one clear line.
+
+        (jsonargparse would report an exception raised inside the module's ``__init__`` as
+        "does not validate against any of the Union subtypes", burying the file's error.)
+        """
+        from unimoe.checkpoint import CheckpointError
+        from unimoe.training.init_from import InitFrom, read_init_checkpoint
+
+        subcommand = self.config.get("subcommand")
+        model = self.config[subcommand].get("model") if subcommand else None
+        init_args = model.get("init_args") if model is not None and hasattr(model, "get") else None
+        value = init_args.get("init_from") if init_args is not None and hasattr(init_args, "get") else None
+        if value is None:
+            return
+        try:
+            read_init_checkpoint(InitFrom.coerce(value.as_dict() if hasattr(value, "as_dict") else value))
+        except (CheckpointError, ValueError) as exc:
+            raise ConfigError(f"model.init_args.init_from: {exc}") from exc
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         from unimoe.training.callbacks import StageFinalizer, StepProgressBar
@@ -169,11 +193,12 @@ def prepare_argv(argv: list[str]) -> list[str]:
 
 
 def run_lightning_cli(argv: list[str]) -> int:
+    from unimoe.checkpoint import CheckpointError
     from unimoe.training.recipe_vars import RecipeError
 
     try:
         build_cli(prepare_argv(argv))
-    except (ConfigError, RecipeError) as exc:
+    except (ConfigError, RecipeError, CheckpointError) as exc:  # e.g. an unreadable init_from: one line
         print(f"unimoe {argv[0] if argv else 'fit'}: error: {exc}", file=sys.stderr)
         return 2
     return 0

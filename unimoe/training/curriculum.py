@@ -359,11 +359,11 @@ def stage_status(cur: Curriculum, stage: Stage) -> str:
 
 
 def _checkpoint_step(path: Path) -> Optional[int]:
-    import torch
+    from unimoe.checkpoint import CheckpointError, read_checkpoint
 
     try:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
-    except Exception:  # noqa: BLE001 - unreadable counts as absent
+        ckpt = read_checkpoint(path)  # weights_only: a resume checkpoint holds tensors and plain data only
+    except CheckpointError:  # unreadable counts as absent
         return None
     return int(ckpt.get("global_step", 0))
 
@@ -606,9 +606,9 @@ class CurriculumRunner:
     def _mark_done(self, stage: Stage, seconds: Optional[float], resumed_from: Optional[dict]) -> dict[str, Any]:
         d = stage.directory(self.cur.root)
         final = stage.final_checkpoint(self.cur.root)
-        from unimoe.checkpoint import read_checkpoint, read_metadata
+        from unimoe.checkpoint import open_model_file
 
-        meta = read_metadata(read_checkpoint(final), final)  # a finished stage must hold a readable checkpoint
+        meta = open_model_file(final).metadata  # a finished stage must hold a readable model
         record: dict[str, Any] = {"stage": stage.name, "kind": stage.kind, "final_checkpoint": str(final),
                                   "model_stage": meta.stage, "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
                                   "seconds": None if seconds is None else round(seconds, 1),

@@ -20,19 +20,21 @@ import fnmatch
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import nn
 
-from unimoe.checkpoint import CheckpointError, CheckpointMetadata, model_state_dict, read_checkpoint, read_metadata
+from unimoe.checkpoint import CheckpointError, CheckpointMetadata, open_model_file
+from unimoe.safetensors_io import tensor_shape
 
 
 @dataclass
 class InitFrom:
     """Where a stage's initial weights come from, and which ones.
 
-    path:    a unimoe checkpoint (a stage's ``.ckpt`` or ``unimoe upcycle`` output)
+    path:    a unimoe model folder or ``.ckpt`` (a stage's final model, ``unimoe upcycle`` output)
     include: globs of checkpoint keys to load; default all
     exclude: globs of checkpoint keys to skip
     remap:   ordered ``{regex: replacement}`` renaming the chosen checkpoint keys to model keys
@@ -88,21 +90,22 @@ class InitReport:
         return text
 
 
-def read_init_checkpoint(spec: InitFrom) -> tuple[CheckpointMetadata, dict[str, torch.Tensor]]:
-    """The metadata and AudioLM state dict of ``spec.path`` (CheckpointError names the file)."""
-    checkpoint = read_checkpoint(spec.path)
-    metadata = read_metadata(checkpoint, spec.path)
-    state = model_state_dict(checkpoint)
-    if not state:
+def read_init_checkpoint(spec: InitFrom) -> tuple[CheckpointMetadata, Mapping[str, torch.Tensor]]:
+    """The metadata and AudioLM tensors of ``spec.path`` (lazy for a folder; CheckpointError names the file)."""
+    opened = open_model_file(spec.path)
+    if not opened.tensors:
         raise CheckpointError(f"{spec.path} holds no model weights (no 'model.*' keys in its state_dict)")
-    return metadata, state
+    return opened.metadata, opened.tensors
 
 
-def select_weights(spec: InitFrom, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Apply ``include``/``exclude`` then ``remap`` -> (kept ``{model key: tensor}``, skipped checkpoint keys)."""
-    kept: dict[str, torch.Tensor] = {}
+def select_weights(spec: InitFrom, state: Mapping[str, torch.Tensor]) -> tuple[dict[str, str], list[str]]:
+    """Apply ``include``/``exclude`` then ``remap`` -> (kept ``{model key: checkpoint key}``, skipped checkpoint keys).
+
+    Only names are handled here: tensors are read one at a time when they are copied.
+    """
+    kept: dict[str, str] = {}
     skipped: list[str] = []
-    for key, value in state.items():
+    for key in state:
         wanted = any(fnmatch.fnmatchcase(key, p) for p in spec.include) and not any(
             fnmatch.fnmatchcase(key, p) for p in spec.exclude
         )
@@ -115,11 +118,11 @@ def select_weights(spec: InitFrom, state: dict[str, torch.Tensor]) -> tuple[dict
         if new in kept:
             raise ValueError(f"init_from.remap maps two checkpoint keys onto {new!r} ({spec.path}); "
                              "narrow init_from.include")
-        kept[new] = value
+        kept[new] = key
     return kept, skipped
 
 
-def load_initial_weights(model: nn.Module, spec: InitFrom, state: dict[str, torch.Tensor] | None = None) -> InitReport:
+def load_initial_weights(model: nn.Module, spec: InitFrom, state: Mapping[str, torch.Tensor] | None = None) -> InitReport:
     """Copy the selected checkpoint tensors into ``model`` (in place, no grad)."""
     if state is None:
         _, state = read_init_checkpoint(spec)
@@ -127,9 +130,9 @@ def load_initial_weights(model: nn.Module, spec: InitFrom, state: dict[str, torc
     own = model.state_dict()
     unexpected = sorted(k for k in kept if k not in own)
     mismatched = sorted(
-        f"{k}: checkpoint {tuple(kept[k].shape)} vs model {tuple(own[k].shape)}"
+        f"{k}: checkpoint {tensor_shape(state, kept[k])} vs model {tuple(own[k].shape)}"
         for k in kept
-        if k in own and kept[k].shape != own[k].shape
+        if k in own and tensor_shape(state, kept[k]) != tuple(own[k].shape)
     )
     missing = sorted(k for k in own if k not in kept)
     problems = []
@@ -145,8 +148,8 @@ def load_initial_weights(model: nn.Module, spec: InitFrom, state: dict[str, torc
     if problems:
         raise ValueError(f"init_from {spec.path} does not fit the model: " + "; ".join(problems))
     with torch.no_grad():
-        for key, value in kept.items():
-            own[key].copy_(value.to(own[key].dtype))
+        for key, source_key in kept.items():  # one tensor in memory at a time
+            own[key].copy_(state[source_key])
     return InitReport(path=spec.path, loaded=sorted(kept), skipped=skipped, not_initialised=missing)
 
 

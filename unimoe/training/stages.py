@@ -121,6 +121,7 @@ class StageModule(L.LightningModule):
         _plain_hparams(self.hparams)
         self.step_stats: StepStats | None = None
         self._eval_losses = TaskLossAccumulator(config.num_codebooks)
+        self.metadata().to_dict()  # plain JSON or a clear error now, not at the first checkpoint save
 
     # ------------------------------------------------------------------ configuration checks
     def check_config(self, config: AudioLMConfig) -> None:

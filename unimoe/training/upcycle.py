@@ -32,20 +32,14 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Literal, Optional, Sequence, Union
 
 import torch
 
-from unimoe.checkpoint import (
-    CheckpointError,
-    CheckpointMetadata,
-    config_to_dict,
-    model_state_dict,
-    read_metadata,
-    save_model_checkpoint,
-)
+from unimoe.checkpoint import CheckpointError, CheckpointMetadata, config_to_dict, open_model_file, save_model
 from unimoe.model.config import AudioLMConfig
 from unimoe.moe.config import MoEConfig
 from unimoe.moe.experts import SwiGLUExperts
@@ -62,9 +56,9 @@ class UpcycleError(ValueError):
 
 @dataclass
 class Specialist:
-    """One dense specialist: its AudioLM state dict (no ``model.`` prefix) and metadata."""
+    """One dense specialist: its AudioLM tensors (no ``model.`` prefix; read lazily from a folder) and metadata."""
 
-    state: dict[str, torch.Tensor]
+    state: Mapping[str, torch.Tensor]
     metadata: CheckpointMetadata
     name: str
     path: Optional[str] = None
@@ -279,16 +273,12 @@ def _check_experts_are_swiglu(model) -> None:
 
 # ---------------------------------------------------------------------- files
 def load_specialist(path: str | Path, name: Optional[str] = None) -> Specialist:
-    """Read a specialist checkpoint (a stage ``.ckpt`` or a model checkpoint), memory-mapped."""
+    """Open a specialist (a model folder or ``.ckpt``; tensors memory-mapped, read when used)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"specialist checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read specialist checkpoint {path}: {exc}") from exc
-    metadata = read_metadata(checkpoint, path)
-    state = model_state_dict(checkpoint)
+    opened = open_model_file(path)
+    metadata, state = opened.metadata, opened.tensors
     label = name or metadata.extra.get("label") or "+".join(metadata.extra.get("data_tasks") or []) or path.stem
     return Specialist(state=state, metadata=metadata, name=str(label), path=str(path))
 
@@ -307,11 +297,13 @@ def upcycle_checkpoints(
     seed: int = 0,
     overwrite: bool = False,
 ) -> Path:
-    """Upcycle specialist checkpoint files into one self-describing MoE checkpoint at ``out``.
+    """Upcycle specialist model files into one self-describing MoE model at ``out``.
 
     Args:
-        specialists: specialist checkpoints (order = expert order: specialist s owns experts s*k..s*k+k-1)
-        out: the MoE checkpoint to write (atomically; an existing file is kept unless ``overwrite``)
+        specialists: specialist model folders or .ckpt files (order = expert order: specialist s owns
+            experts s*k..s*k+k-1)
+        out: the MoE model to write (atomically): a model folder, or a .ckpt file when the name ends in
+            .ckpt; an existing one is kept unless ``overwrite``
         moe: the MoE layer config (``num_routed_experts = N * pieces``, ``routed_intermediate_size = F / pieces``)
         pieces: FFN pieces per specialist (k; the paper: 2)
         names: labels of the specialists (default: their data tasks, e.g. ``tts``)
@@ -335,4 +327,4 @@ def upcycle_checkpoints(
         loaded, moe, pieces=pieces, moe_layers=moe_layers, vision_from=vision_from, router_init=router_init,
         shared_init=shared_init, expert_scale=expert_scale, seed=seed,
     )
-    return save_model_checkpoint(out_path, result.model, result.metadata)
+    return save_model(out_path, result.model, result.metadata)

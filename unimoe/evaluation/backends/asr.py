@@ -15,6 +15,26 @@ from unimoe.registry import METRICS
 from ..errors import BackendUnavailableError
 from .base import ASRBackend, require, resolve_device
 
+#: Environment variable that chooses the CTranslate2 compute type of every Whisper backend left at
+#: ``compute_type: default``. Quantised int8 kernels differ by CPU (AVX2 / AVX-512 / VNNI), so an
+#: int8 transcript can change from one machine to another; float32 is the most portable choice.
+COMPUTE_TYPE_ENV = "UNIMOE_ASR_COMPUTE_TYPE"
+COMPUTE_TYPES = ("auto", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16", "bfloat16", "float32")
+
+
+def resolve_compute_type(compute_type: str, device: str) -> str:
+    """``default`` -> ``$UNIMOE_ASR_COMPUTE_TYPE`` if set, else float16 on CUDA and int8 on CPU
+    (CTranslate2's fast choices); any other value must be a CTranslate2 compute type."""
+    source = "compute_type"
+    if compute_type == "default":
+        compute_type, source = os.environ.get(COMPUTE_TYPE_ENV, ""), COMPUTE_TYPE_ENV
+        if not compute_type:
+            return "float16" if device == "cuda" else "int8"
+    if compute_type not in COMPUTE_TYPES:
+        raise BackendUnavailableError(
+            f"{source}={compute_type!r} is not a CTranslate2 compute type; use one of: default, {', '.join(COMPUTE_TYPES)}")
+    return compute_type
+
 
 @METRICS.register("pocketsphinx")
 class PocketSphinxASR(ASRBackend):
@@ -69,9 +89,7 @@ class FasterWhisperASR(ASRBackend):
         fw = require("faster_whisper", "faster_whisper", "pip install faster-whisper")
         self.model_name = model
         self.device = resolve_device(device)
-        if compute_type == "default":
-            compute_type = "float16" if self.device == "cuda" else "int8"
-        self.compute_type = compute_type
+        self.compute_type = compute_type = resolve_compute_type(compute_type, self.device)
         self.beam_size = beam_size
         self.language = language
         try:
@@ -142,7 +160,7 @@ class OfflineWhisperBaseASR(FasterWhisperASR):
 
     offline = True
 
-    def __init__(self, device: str = "cpu", compute_type: str = "int8", beam_size: int = 5,
+    def __init__(self, device: str = "cpu", compute_type: str = "default", beam_size: int = 5,
                  language: str | None = "en", cpu_threads: int = 0, cache_root: str | None = None) -> None:
         folder = whisper_base_cache_dir(cache_root)
         super().__init__(model=str(folder), device=device, compute_type=compute_type, beam_size=beam_size,
