@@ -345,3 +345,13 @@ def test_config_parses_from_yaml_with_jsonargparse():
     assert isinstance(config, AudioLMConfig) and config.moe.num_routed_experts == 2 and config.delays == [0, 2]
     model = AudioLM(config)
     assert model.blocks[0].is_moe and model.blocks[0].ffn.top_p == 0.5
+
+
+def test_single_query_attention_equals_sdpa():
+    from unimoe.model.transformer import single_query_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 4, 1, 8), torch.randn(3, 2, 7, 8), torch.randn(3, 2, 7, 8)
+    mask = torch.arange(7).view(1, 1, 1, 7) <= torch.tensor([2, 6, 4]).view(3, 1, 1, 1)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(single_query_attention(q, k, v, mask), want, atol=1e-6, rtol=1e-5)

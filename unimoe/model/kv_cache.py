@@ -160,8 +160,10 @@ class StaticKVCache(nn.Module):
 
     def write(self, layer: int, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         keys, values = getattr(self, f"k{layer}"), getattr(self, f"v{layer}")  # buffers: what the module's .to() moved
-        keys[self.rows, :, positions] = k.transpose(1, 2).to(keys.dtype)  # [B, S, KV, hd] at (row, slot)
-        values[self.rows, :, positions] = v.transpose(1, 2).to(values.dtype)
+        if k.dtype != keys.dtype:
+            k, v = k.to(keys.dtype), v.to(values.dtype)
+        keys[self.rows, :, positions] = k.transpose(1, 2)  # [B, S, KV, hd] at (row, slot)
+        values[self.rows, :, positions] = v.transpose(1, 2)
         window = self._window(positions.shape[1])
         if window == self.max_len:
             return keys, values

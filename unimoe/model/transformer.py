@@ -44,8 +44,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)  # one kernel, not five
-        return y.to(x.dtype)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # no casts to dispatch
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
 # ---------------------------------------------------------------------- blocks
@@ -77,10 +78,29 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.write(self.layer_index, positions, k, v)  # [B, KV, kv_len, hd]
-            k, v = k.to(q.dtype), v.to(q.dtype)
-        # Without a cache, right padding makes the plain causal mask exact for real tokens.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+            if k.dtype != q.dtype:
+                k, v = k.to(q.dtype), v.to(q.dtype)
+        if L == 1 and mask is not None and torch.compiler.is_compiling():
+            y = single_query_attention(q, k, v, mask)  # compiled decoding: inductor fuses it; a kernel call does not
+        else:
+            # Without a cache, right padding makes the plain causal mask exact for real tokens.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))
+
+
+def single_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Attention of one query per row, written out: ``q [B, H, 1, hd]``, ``k, v [B, KV, T, hd]``,
+    ``mask [B, 1, 1, T]`` bool -> ``[B, H, 1, hd]``.
+
+    Grouped-query heads are a reshape (head ``h`` reads kv head ``h // (H / KV)``, as SDPA's
+    ``enable_gqa``), so no key is copied. Under ``torch.compile`` this becomes two small matmuls
+    and one fused softmax kernel, cheaper for a single query than the flash-attention kernel.
+    """
+    B, H, _, hd = q.shape
+    KV = k.shape[1]
+    scores = q.reshape(B, KV, H // KV, hd) @ k.transpose(-1, -2) * hd ** -0.5  # [B, KV, G, T]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(dim=-1) @ v).reshape(B, H, 1, hd)
 
 
 class Block(nn.Module):

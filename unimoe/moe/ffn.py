@@ -63,7 +63,9 @@ class SwiGLU(nn.Module):
         self, x: Tensor, token_mask: Tensor | None = None, task_ids: Tensor | None = None, *, stats: str = "full"
     ) -> tuple[Tensor, None]:
         """x [B, L, D] -> ([B, L, D], None); mask, task ids and stats mode are accepted and unused."""
-        w1, w2 = self.gate_up_proj.to(x.dtype), self.down_proj.to(x.dtype)
+        w1, w2 = self.gate_up_proj, self.down_proj
+        if w1.dtype != x.dtype:
+            w1, w2 = w1.to(x.dtype), w2.to(x.dtype)
         return swiglu(x, w1, w2), None
 
     def extra_repr(self) -> str:
