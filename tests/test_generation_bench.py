@@ -63,3 +63,24 @@ def test_reference_decoder_follows_the_delay_pattern():
         model.reset()
         steps = torch.cat([model(seq[..., t : t + 1]) for t in range(7)], dim=2)
     torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
+
+
+def test_bench_adaptive_on_a_checkpoint(tmp_path, tmp_path_factory):
+    """Loss and decoding speed per routing setting of a (random) MoE checkpoint on real shards."""
+    from generation_helpers import write_checkpoint
+    from training_helpers import tiny_data
+
+    from unimoe.bench.adaptive import AdaptiveBenchConfig
+    from unimoe.bench.adaptive import run as run_adaptive
+
+    data = tiny_data(tmp_path_factory.getbasetemp())
+    ckpt = write_checkpoint(tmp_path, codec=False)
+    result = run_adaptive(AdaptiveBenchConfig(ckpt=str(ckpt), shards=str(data / "shards"), top_p="0.3", budgets="1.0",
+                                              requests=1, frames=5, repeats=1))
+    rows = result["settings"]
+    assert set(rows) == {"top_p=0.7", "top_p=0.3", "budget=1"} and result["eval_examples"] > 0
+    assert rows["top_p=0.3"]["experts_per_token"] < rows["top_p=0.7"]["experts_per_token"]
+    assert rows["top_p=0.7"]["speed_vs_trained"] == 1.0 and "decode_budget_error" in rows["budget=1"]
+    assert all(r["audio_loss"] > 0 for r in rows.values())
+    with pytest.raises(ValueError, match="no shard folders"):
+        run_adaptive(AdaptiveBenchConfig(ckpt=str(ckpt), shards=str(tmp_path)))
