@@ -168,6 +168,10 @@ class DecodeState:
     decided (-1 while running), ``step`` the step whose frame :meth:`choose` picks next.
     """
 
+    PER_ROW = ("frames", "eos_frame", "forced_end", "limit", "tokens", "uniforms", "expert_sums", "expert_tokens",
+               "collected")
+    """The tensors with one entry per live row (sliced together when rows leave)."""
+
     def __init__(self, model, plan: DecodePlan, sampler: FrameSampler, seeds: Seq[int], *, frame_slots: int,
                  count_experts: bool, keep_trace: bool) -> None:
         device = model.audio_head.weight.device
@@ -202,9 +206,6 @@ class DecodeState:
         for name in self.PER_ROW + ("delays", "step", "ready"):
             if getattr(self, name) is not None:
                 mark_static_address(getattr(self, name))
-
-    PER_ROW = ("frames", "eos_frame", "forced_end", "limit", "tokens", "uniforms", "expert_sums", "expert_tokens",
-               "collected")
 
     @property
     def rows(self) -> int:
