@@ -39,7 +39,7 @@ stamp="$VENV/.unimoe-install-stamp"
 want="$(cat pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing unimoe and its dependencies (torch 2.9.1 takes a few minutes the first time)"
-  "$VENV/bin/pip" install -q -e '.[dev,eval]'
+  "$VENV/bin/pip" install -q -e '.[dev,eval,pretrained]'
   echo "$want" > "$stamp"
 fi
 echo "[setup] ready: $VENV/bin/unimoe"

@@ -16,7 +16,6 @@ from training_helpers import tiny_data  # noqa: E402
 
 from unimoe.data.datamodule import UniMoEDataModule  # noqa: E402
 from unimoe.model.config import AudioLMConfig  # noqa: E402
-from unimoe.model.tasks import TASK_IDS  # noqa: E402
 from unimoe.moe.config import MoEConfig  # noqa: E402
 from unimoe.moe.layer import build_moe_layer  # noqa: E402
 from unimoe.training.callbacks import AudioSamples, ExpertLoadMonitor, RoutingTotals, StageFinalizer  # noqa: E402
@@ -32,7 +31,8 @@ def test_routing_totals_match_a_direct_count_of_the_router_decisions():
     with torch.no_grad():
         layer.router.gate.weight.mul_(4.0)  # sharper routers: varied numbers of experts per token
     expected_tokens = torch.zeros(5)
-    expected_by_task = torch.zeros(len(TASK_IDS), 5)
+    tasks = ["tts", "t2m", "v2m"]
+    expected_by_task = torch.zeros(len(tasks), 5)
     expected_hist = torch.zeros(5)  # tokens by number of REAL experts (0..4)
     totals = None
     for step in range(3):
@@ -52,7 +52,7 @@ def test_routing_totals_match_a_direct_count_of_the_router_decisions():
         k = selected[real][:, :4].sum(1)
         expected_hist += torch.bincount(k, minlength=5)
         if totals is None:
-            totals = RoutingTotals.empty([None, info], len(TASK_IDS))
+            totals = RoutingTotals.empty([None, info], tasks)
         totals.add([None, info], aux=0.1 * step)
     out = totals.reduced(None)
     assert out.layers == [1]
@@ -148,17 +148,30 @@ def test_final_checkpoint_only_after_a_normal_end_and_never_over_a_finished_stag
 
     with pytest.raises(RuntimeError, match="boom"):
         fit(tmp_path / "crash", [Boom()])
-    assert not (tmp_path / "crash" / "final.ckpt").exists()
+    assert not (tmp_path / "crash" / "final").exists()
     fit(tmp_path / "ok", [])
     record = json.loads((tmp_path / "ok" / "final_metrics.json").read_text())
     assert record["global_step"] == 2 and "train/loss" in record["metrics"]
-    ckpt = torch.load(tmp_path / "ok" / "final.ckpt", weights_only=True)
-    assert "optimizer_states" not in ckpt and ckpt["unimoe"]["stage"] == "specialist"
+    final = tmp_path / "ok" / "final"  # a pickle-free model folder, nothing temporary left beside it
+    assert sorted(p.name for p in final.iterdir()) == ["config.json", "model.safetensors"]
+    assert not [p for p in (tmp_path / "ok").iterdir() if p.name.startswith(".")]
+    config = json.loads((final / "config.json").read_text())
+    assert config["format"] == "unimoe-model" and config["stage"] == "specialist"
     (tmp_path / "ok" / "DONE.json").write_text("{}")
-    before = (tmp_path / "ok" / "final.ckpt").read_bytes()
+    before = (final / "model.safetensors").read_bytes()
     with pytest.raises(RuntimeError, match="refusing to overwrite"):
         fit(tmp_path / "ok", [])
-    assert (tmp_path / "ok" / "final.ckpt").read_bytes() == before
+    assert (final / "model.safetensors").read_bytes() == before
+
+
+def test_final_checkpoint_as_a_ckpt_file_when_asked(data, tmp_path):
+    trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                        default_root_dir=str(tmp_path), limit_val_batches=0, num_sanity_val_steps=0,
+                        callbacks=[StageFinalizer(filename="final.ckpt")])
+    trainer.fit(SpecialistStage(model="tiny"), UniMoEDataModule(sources={"tts": str(data / "shards" / "tts")},
+                                                                model="tiny", max_tokens=2048))
+    ckpt = torch.load(tmp_path / "final.ckpt", weights_only=True)
+    assert "optimizer_states" not in ckpt and ckpt["unimoe"]["stage"] == "specialist"
 
 
 def test_audio_samples_need_a_codec(data, tmp_path):

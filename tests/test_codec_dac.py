@@ -435,7 +435,8 @@ def test_codec_roundtrip_command(hf_folder, original_file, tmp_path, capsys):
 def test_tokenize_command_with_a_local_dac(hf_folder, original_file, tmp_path, capsys):
     from unimoe.cli import main
     from unimoe.data.manifest import ManifestEntry, write_manifest
-    from unimoe.data.shards import load_shard, read_index
+    from unimoe.data.index import open_index
+    from unimoe.data.shards import load_shard
 
     entries = []
     for i in range(3):
@@ -447,8 +448,8 @@ def test_tokenize_command_with_a_local_dac(hf_folder, original_file, tmp_path, c
     argv = ["tokenize", "--manifest", str(manifest), "--codec", spec, "--out", str(tmp_path / "shards"), "--workers", "1", "--quiet"]
     assert main(argv) == 0, capsys.readouterr().err
     codec = DacCodec(path=str(original_file))
-    index = read_index(tmp_path / "shards")
-    assert index["codec"]["num_codebooks"] == 4 and index["num_items"] == 3
+    index = open_index(tmp_path / "shards")
+    assert index.codec["num_codebooks"] == 4 and len(index) == 3
     items = {it["id"]: it for p in sorted((tmp_path / "shards").glob("shard-*.pt")) for it in load_shard(p)["items"]}
     for i in range(3):
         assert torch.equal(items[f"m{i}"]["codes"].long(), codec.encode_file(tmp_path / f"m{i}.wav"))

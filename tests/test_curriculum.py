@@ -12,13 +12,14 @@ import pytest
 import soundfile as sf
 import torch
 import yaml
+from safetensors.torch import load_file
 
 HELPERS = Path(__file__).parent / "helpers"
 
 from training_helpers import TINY_MODEL, tiny_data  # noqa: E402
 
 from unimoe.checkpoint import load_model  # noqa: E402
-from unimoe.training.curriculum import deep_merge, load_curriculum  # noqa: E402
+from unimoe.training.curriculum import deep_merge, final_model, load_curriculum, stage_status  # noqa: E402
 from unimoe.training.recipe_vars import RecipeError, substitute  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,12 +30,12 @@ ALL_STAGES = FIT_STAGES[:3] + ["upcycle"] + FIT_STAGES[3:]
 
 def tiny_curriculum(path: Path, root: Path, kill_marker: Path) -> Path:
     """The demo recipes' stage files with tiny sizes and a handful of steps (and a kill in joint)."""
-    tiny_data_overrides = {"init_args": {"model": TINY_MODEL, "max_tokens": 2048}}
+    tiny_data_overrides = {"init_args": {"max_tokens": 2048}}  # the layout comes from the stage's model
     quiet = {"enable_progress_bar": False, "log_every_n_steps": 1}
 
     def specialist(task: str, steps: int) -> dict:
         return {"name": f"specialist_{task}", "config": str(RECIPES / "demo" / "specialist.yaml"),
-                "model": {"init_args": {"label": task, "model": TINY_MODEL}},
+                "model": {"init_args": {"model": TINY_MODEL}},  # experts are named after the data task
                 "data": deep_merge(tiny_data_overrides, {"init_args": {"sources": {task: f"${{data_root}}/shards/{task}"}}}),
                 "trainer": {**quiet, "max_steps": steps, "val_check_interval": steps}}
 
@@ -79,10 +80,10 @@ def curriculum_run(tmp_path_factory):
     (work / "recipes").mkdir()
     root, marker = work / "runs", work / "killed.json"
     config = tiny_curriculum(work / "recipes" / "tiny.yaml", root, marker)
-    (work / "joint.yaml").write_text((RECIPES / "joint.yaml").read_text())  # "../joint.yaml" from recipes/
+    (work / "joint.yaml").write_text(f"extends: {RECIPES / 'joint.yaml'}\n")  # "../joint.yaml" from recipes/
 
     first = run_curriculum(config, data, work)  # trains everything, then SIGKILLs itself in joint at step 5
-    mtimes = {s: (root / s / ("upcycled.ckpt" if s == "upcycle" else "final.ckpt")).stat().st_mtime_ns
+    mtimes = {s: (root / s / ("upcycled" if s == "upcycle" else "final") / "model.safetensors").stat().st_mtime_ns
               for s in ALL_STAGES[:-1]}
     joint_run_id = (root / "joint" / "mlflow_run_id.txt").read_text()
     second = run_curriculum(config, data, work)  # skips finished stages, resumes joint from last.ckpt
@@ -100,7 +101,7 @@ def test_killed_stage_resumes_and_finished_stages_are_skipped(curriculum_run):
     assert third.returncode == 0, third.stderr[-3000:]
     for stage in ALL_STAGES[:-1]:  # finished before the kill: skipped, checkpoints untouched
         assert f"{stage} already finished, skipped" in second.stderr
-        final = root / stage / ("upcycled.ckpt" if stage == "upcycle" else "final.ckpt")
+        final = root / stage / ("upcycled" if stage == "upcycle" else "final") / "model.safetensors"
         assert final.stat().st_mtime_ns == curriculum_run["mtimes"][stage]
     assert "joint: resuming at step 4/8 from last.ckpt" in second.stderr
     done = json.loads((root / "joint" / "DONE.json").read_text())
@@ -117,17 +118,18 @@ def test_every_stage_leaves_a_self_describing_checkpoint(curriculum_run):
                 "upcycle": "upcycle", "warmup": "warmup", "joint": "joint"}
     for stage, kind in expected.items():
         assert (root / stage / "DONE.json").is_file()
-        model, meta = load_model(root / stage / ("upcycled.ckpt" if stage == "upcycle" else "final.ckpt"))
+        model, meta = load_model(root / stage / ("upcycled" if stage == "upcycle" else "final"))
         assert meta.stage == kind
         assert (meta.config.moe is None) == stage.startswith("specialist")
-        assert meta.codec["path"] == str(curriculum_run["data"] / "codec.pt")
-    _, joint = load_model(root / "joint" / "final.ckpt")
+        codec_args = meta.codec.get("init_args", meta.codec)  # {class_path, init_args} (recipes) or {name, ...}
+        assert codec_args["path"] == str(curriculum_run["data"] / "codec.pt")
+    _, joint = load_model(root / "joint" / "final")
     assert joint.extra["expert_labels"] == ["tts.0", "tts.1", "t2m.0", "t2m.1", "v2m.0", "v2m.1"]
     assert joint.extra["init_from"]["stage"] == "warmup"
     assert set(joint.extra["data_tasks"]) == {"tts", "t2m", "v2m"}
     # the warmup stage changed only routers and shared experts of the upcycled model
-    upcycled = torch.load(root / "upcycle" / "upcycled.ckpt", weights_only=True)["state_dict"]
-    warmed = torch.load(root / "warmup" / "final.ckpt", weights_only=True)["state_dict"]
+    upcycled = load_file(str(root / "upcycle" / "upcycled" / "model.safetensors"))
+    warmed = load_file(str(root / "warmup" / "final" / "model.safetensors"))
     for key, value in upcycled.items():
         same = torch.equal(value, warmed[key])
         assert same != (".ffn.router." in key or ".ffn.shared_experts." in key), key
@@ -234,8 +236,25 @@ def test_recipe_variables_and_merging(tmp_path, monkeypatch):
     assert [s.kind for s in paper.stages].count("fit") == 6
 
 
+def test_final_models_are_folders_and_older_runs_ckpt_files_still_count(tmp_path):
+    from generation_helpers import tiny_model
+
+    from unimoe.checkpoint import CheckpointMetadata, save_model
+
+    cur = load_curriculum(RECIPES / "curriculum.yaml", data_root=str(tmp_path))
+    cur.root = tmp_path / "runs"
+    stage = cur.stage("specialist_tts")
+    d = stage.directory(cur.root)
+    assert stage.final_checkpoint(cur.root) == d / "final" and stage_status(cur, stage) == "pending"
+    model = tiny_model("tiny")
+    save_model(d / "final.ckpt", model, CheckpointMetadata(config=model.config, stage="specialist"))  # an older run
+    (d / "DONE.json").write_text("{}")
+    assert stage.final_checkpoint(cur.root) == d / "final.ckpt" and stage_status(cur, stage) == "done"
+    assert final_model(tmp_path / "runs" / "upcycle", "upcycle") == tmp_path / "runs" / "upcycle" / "upcycled"
+
+
 def test_paper_recipes_are_valid_lightningcli_configs():
-    from unimoe.training.curriculum import compose_stage, validate_stage_config
+    from unimoe.training.curriculum import compose_stage, upcycle_options, validate_stage_config
 
     cur = load_curriculum(RECIPES / "paper" / "curriculum.yaml", data_root="/data/unimoe")
     assert cur.launcher == "subprocess"
@@ -244,10 +263,10 @@ def test_paper_recipes_are_valid_lightningcli_configs():
         cfg = compose_stage(cur, stage)
         validate_stage_config(cfg, stage)  # the real parser, no instantiation
         assert cfg["trainer"]["default_root_dir"] == str(cur.root / stage.name)
-    up = cur.stage("upcycle").upcycle
-    assert up["moe"]["num_routed_experts"] == 4 * up["pieces"] == 8 and up["moe"]["routed_intermediate_size"] == 2752
+    up = upcycle_options(cur, cur.stage("upcycle"))
+    assert up["moe"].num_routed_experts == 4 * up["pieces"] == 8 and up["moe"].routed_intermediate_size == 2752
     warmup = compose_stage(cur, cur.stage("warmup"))
-    assert warmup["model"]["init_args"]["init_from"] == str(cur.root / "upcycle" / "upcycled.ckpt")
+    assert warmup["model"]["init_args"]["init_from"] == str(cur.root / "upcycle" / "upcycled")
     assert warmup["model"]["init_args"]["optimizer"]["lr"] == 3e-5
     assert compose_stage(cur, cur.stage("joint"))["model"]["init_args"]["optimizer"]["lr"] == 1e-5
     assert compose_stage(cur, cur.stage("specialist_t2m"))["model"]["init_args"]["optimizer"]["lr"] == 1e-4
@@ -261,7 +280,7 @@ def test_ddp_stages_through_the_subprocess_launcher_sum_routing_over_ranks(tmp_p
     data = tiny_data(tmp_path_factory.getbasetemp())
     work = tmp_path_factory.mktemp("ddp")
     quiet = {"enable_progress_bar": False, "log_every_n_steps": 1, "num_sanity_val_steps": 0}
-    tiny_data_args = {"init_args": {"model": TINY_MODEL, "max_tokens": 2048}}
+    tiny_data_args = {"init_args": {"max_tokens": 2048}}
     config = write(work / "ddp.yaml", {
         "name": "ddp", "root": str(work / "runs"), "launcher": "subprocess", "checkpoint_every_n_steps": 2,
         "stages": [

@@ -15,7 +15,7 @@ from unimoe.data.sequences import SequenceMaker
 from unimoe.data.shards import CodecMismatchError, ShardError
 from unimoe.data.tokenize import TokenizeConfig, tokenize_manifest
 from unimoe.model.config import AudioLMConfig
-from unimoe.model.tasks import TASK_IDS, Modality
+from unimoe.model.tasks import Modality, TaskIds
 
 MODEL = AudioLMConfig.from_preset("tiny", num_codebooks=2, codebook_size=64, delays=[0, 1], max_seq_len=1024)
 
@@ -62,13 +62,14 @@ def test_dataset_reads_shards_by_split(shards):
 
 
 def test_lengths_are_exact(shards):
-    maker = SequenceMaker(MODEL, cond_drop_prob=0.0)
+    ids = TaskIds(["v2m", "tts", "t2m"])  # any table: the builders number their sequences with it
+    maker = SequenceMaker(MODEL, cond_drop_prob=0.0, task_ids=ids)
     for name in shards:
         ds = ShardDataset(shards[name], split=None)
         for i in range(len(ds)):
             seq = maker.sequence(ds[i])
             assert len(seq) == maker.length(ds.row(i)), ds.row(i)["id"]
-            assert seq.task_id == TASK_IDS[ds.row(i)["task"]]
+            assert seq.task_id == ids[ds.row(i)["task"]]
 
 
 def test_condition_drop_shortens_training_sequences_only(shards):
@@ -98,7 +99,7 @@ def test_train_batches_budget_and_per_token_task_ids(shards):
         assert batch.batch_size * batch.seq_len <= 600
         for b, idx in enumerate(indices):
             n = int(batch.lengths[b])
-            assert torch.all(batch.task_ids[b, :n] == TASK_IDS[task_of[idx]])
+            assert torch.all(batch.task_ids[b, :n] == dm.layout.task_ids[task_of[idx]])
             assert not batch.attention_mask[b, n:].any()
             seen.add(task_of[idx])
         if batch.video is not None:
@@ -147,7 +148,7 @@ def test_codec_and_model_mismatches_are_refused(shards):
         _module(shards, model="tiny")
     with pytest.raises(CodecMismatchError, match="hop_length"):
         _module(shards, codec=FrameEnergyCodec(hop_length=160).describe())
-    with pytest.raises(ShardError, match="no index.json"):
+    with pytest.raises(ShardError, match="not a finished shard directory"):
         _module({"x": str(shards["speech"]) + "-missing"})
 
 
@@ -262,3 +263,13 @@ def test_ddp_with_lightning_distributed_sampler_is_refused(shards):
         dm.train_dataloader()
     dm.trainer._accelerator_connector.use_distributed_sampler = False
     assert dm.train_dataloader().batch_sampler.rank == 1
+
+
+def test_without_a_stage_the_data_module_needs_a_model(shards):
+    dm = UniMoEDataModule(sources=shards, max_tokens=600)
+    with pytest.raises(ValueError, match="no model to lay sequences out for: attach it to a unimoe training stage"):
+        dm.setup("fit")
+    dm = UniMoEDataModule(sources=shards, model={"preset": "tiny", "num_codebooks": 2, "codebook_size": 64,
+                                                  "delays": [0, 1], "max_seq_len": 1024}, max_tokens=600)
+    dm.setup("validate")
+    assert dm.layout.config == MODEL and dm.layout.task_ids.names == sorted(dm.data_tasks())

@@ -9,9 +9,9 @@ from unimoe.cli import main as unimoe
 from unimoe.codecs.spectral_rvq import SpectralRVQConfig, fit_spectral_rvq
 from unimoe.data.datamodule import UniMoEDataModule
 from unimoe.data.demo.build import DemoConfig, build_demo_corpus
-from unimoe.data.shards import codec_record, read_index
+from unimoe.data.index import open_index
+from unimoe.data.shards import codec_record
 from unimoe.model.config import AudioLMConfig
-from unimoe.model.tasks import TASK_IDS
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("espeak-ng") and shutil.which("fluidsynth")), reason="needs espeak-ng and fluidsynth (scripts/setup.sh)"
@@ -30,8 +30,8 @@ def test_demo_corpus_to_batches(tmp_path, capsys):
         assert unimoe(["tokenize", "--manifest", str(corpus / "manifests" / f"{task}.jsonl"), "--codec",
                        str(tmp_path / "codec.pt"), "--out", sources[task], "--workers", "1", "--quiet"]) == 0
     assert "0 reused" in capsys.readouterr().out
-    index = read_index(sources["tts"])
-    assert index["codec"] == codec_record(codec) and index["num_items"] == 12  # every speech clip has a prompt
+    index = open_index(sources["tts"])
+    assert index.codec == codec_record(codec) and len(index) == 12  # every speech clip has a prompt
 
     model = AudioLMConfig.from_preset("tiny", num_codebooks=2, codebook_size=32, delays=[0, 1])
     dm = UniMoEDataModule(sources=sources, model=model, mix="balanced", max_tokens=1200, codec=codec_record(codec),
@@ -43,6 +43,7 @@ def test_demo_corpus_to_batches(tmp_path, capsys):
         seen |= set(batch.task_ids[:, 0].tolist())
         if batch.video is not None:
             assert batch.video.shape[1:] == (4, 3, 32, 32) and batch.video.dtype == torch.float32
-    assert seen == {TASK_IDS["tts"], TASK_IDS["t2m"], TASK_IDS["v2m"]}
+    ids = dm.layout.task_ids  # standalone: the data's tasks in name order
+    assert ids.names == ["t2m", "tts", "v2m"] and seen == {0, 1, 2}
     val = list(dm.val_dataloader())
     assert sum(b.batch_size for b in val) == 4 + 1 + 1  # 2 val utterances per speaker, 1 piece per music task

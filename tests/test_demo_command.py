@@ -24,6 +24,11 @@ def recorded(monkeypatch, tmp_path):
     def recorder(name):
         def main(argv):
             calls.append((name, list(argv)))
+            if name == "data":  # what `unimoe data demo` leaves: the corpus record naming its manifests
+                corpus = Path(argv[argv.index("--out") + 1])
+                corpus.mkdir(parents=True, exist_ok=True)
+                (corpus / "corpus.json").write_text(json.dumps({"manifests": {
+                    t: f"manifests/{t}.jsonl" for t in ("tts", "t2m", "v2m", "all")}}))
             return 3 if fail["name"] == name else 0
         return main
 
@@ -47,7 +52,7 @@ def test_runs_every_step_in_order_with_the_documented_layout(recorded, tmp_path)
         str(data_dir / "shards" / t) for t in ("tts", "t2m", "v2m")]
     assert calls[5][1] == ["--config", str(recipe), "--data_root", str(data_dir), "--root", str(root)]
     ev = calls[6][1]
-    assert ev[ev.index("--ckpt") + 1] == str(root / "joint" / "final.ckpt")
+    assert ev[ev.index("--ckpt") + 1] == str(root / "joint" / "final")
     assert ev[ev.index("--split") + 1] == "test" and ev[ev.index("--limit") + 1] == "5"
 
 
@@ -94,7 +99,7 @@ def test_real_demo_at_small_scale(tmp_path):
                            str(tmp_path / "runs"), "--recipe", str(path), "--scale", "0.25", "--eval-limit", "3"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=3000)
     assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-4000:]
-    assert (tmp_path / "runs" / "joint" / "final.ckpt").is_file()
+    assert (tmp_path / "runs" / "joint" / "final" / "model.safetensors").is_file()
     results = json.loads((tmp_path / "runs" / "eval" / "joint" / "results.json").read_text())
     assert results["n_items"] == 3
     assert "unimoe demo: finished" in proc.stdout

@@ -210,7 +210,6 @@ def test_suite_validation_errors(tmp_path):
         parse_suite({"name": "x", "metrics": [{"metric": "fad"}]})
     with pytest.raises(EvaluationError, match="suite file not found"):
         load_suite(tmp_path / "nope.yaml")
-    import unimoe.evaluation.backends  # noqa: F401
     from unimoe.evaluation.scorers import SCORERS
 
     for name in ("speech", "music", "demo"):  # the shipped suites parse and name real components

@@ -12,8 +12,10 @@ import torch.nn.functional as F
 
 from unimoe.model.config import AudioLMConfig
 from unimoe.model.delay import CodecSpecials
-from unimoe.model.tasks import IGNORE_INDEX, Modality, TASK_IDS, build_task_builder, collate
+from unimoe.model.tasks import IGNORE_INDEX, Modality, TaskIds, build_task_builder, collate
 from unimoe.model.kv_cache import StaticKVCache
+
+TASK_IDS = TaskIds.legacy()  # what a builder uses without a model's table
 from unimoe.model.transformer import Attention, AudioLM, KVCache, apply_rope, rope_cos_sin
 
 torch.set_num_threads(2)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 
 from unimoe.model.config import AudioLMConfig
-from unimoe.model.params import active_experts_range, count_parameters, meta_model, parameter_breakdown
+from unimoe.model.params import active_experts_range, count_parameters, parameter_breakdown
+from unimoe.model.transformer import meta_model
 from unimoe.moe.layer import MoELayer
 
 D, LAYERS, HEADS, KV, HD = 2048, 36, 16, 2, 128

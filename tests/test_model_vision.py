@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from unimoe.model.config import AudioLMConfig
-from unimoe.model.params import meta_model, parameter_breakdown
+from unimoe.model.params import parameter_breakdown
+from unimoe.model.transformer import meta_model
 from unimoe.model.vision import FrameViT
 
 torch.set_num_threads(2)

@@ -31,7 +31,7 @@ moe:
   shared_intermediate_size: 16
   router: {class_path: learned_threshold, init_args: {init_threshold: 0.15, temperature: 0.05}}
   extra_experts:
-    - {name: lowrank, num_experts: 3, rank: 8}
+    - {class_path: lowrank, init_args: {num_experts: 3, rank: 8}}
   entropy_loss_coef: 0.01
 """
 
@@ -54,11 +54,11 @@ model:
     num_null_experts: 1
     num_shared_experts: 1
     shared_intermediate_size: 32
-    # inside AudioLMConfig.moe (an Optional dataclass) jsonargparse takes a class_path
-    # dict as an import path, so registered names use the {name: ...} form here
-    router: {name: learned_threshold, init_threshold: 0.15}
+    # the one YAML spelling, also inside AudioLMConfig.moe (an Optional dataclass): the
+    # registry, not jsonargparse, resolves these names
+    router: {class_path: learned_threshold, init_args: {init_threshold: 0.15}}
     extra_experts:
-      - {name: lowrank, num_experts: 3, rank: 8}
+      - {class_path: lowrank, init_args: {num_experts: 3, rank: 8}}
 """
 
 CHILD = r'''

@@ -104,3 +104,43 @@ def test_entry_points_from_an_installed_distribution(tmp_path, monkeypatch):
     s = reg.build({"name": "sprocket", "teeth": 30}, size=5)
     assert (type(s).__name__, s.size, s.teeth) == ("Sprocket", 5, 30)
     sys.modules.pop("thirdparty_widgets", None)
+
+
+def _fake_distribution(root, name: str, entry_points: str, modules: dict[str, str]) -> None:
+    dist = root / f"{name}-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(entry_points)
+    for module, source in modules.items():
+        (root / f"{module}.py").write_text(textwrap.dedent(source))
+
+
+def test_entry_points_are_imported_only_when_their_name_is_used(tmp_path, monkeypatch):
+    _fake_distribution(tmp_path, "lazy-widgets", "[unimoe.widgets_lazy]\nbolt = lazy_widgets_mod:Bolt\n",
+                       {"lazy_widgets_mod": "class Bolt:\n    def __init__(self, size):\n        self.size = size\n"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("lazy_widgets_mod", None)
+    reg = Registry("widgets_lazy", "widget")
+    assert reg.names() == ["bolt"] and "bolt" in reg
+    assert "lazy_widgets_mod" not in sys.modules  # listed from the metadata, nothing imported
+    assert reg.build("bolt", size=2).size == 2
+    assert "lazy_widgets_mod" in sys.modules
+    sys.modules.pop("lazy_widgets_mod", None)
+
+
+def test_broken_duplicate_and_module_entry_points_fail_naming_the_package(tmp_path, monkeypatch):
+    _fake_distribution(tmp_path, "pkg-one", "[unimoe.widgets_bad]\ntwin = bad_one:A\nbroken = bad_one:Missing\n"
+                       "mod = bad_one\n", {"bad_one": "class A:\n    pass\n"})
+    _fake_distribution(tmp_path, "pkg-two", "[unimoe.widgets_bad]\ntwin = bad_two:B\n", {"bad_two": "class B:\n    pass\n"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg = Registry("widgets_bad", "widget")
+    with pytest.raises(RegistryError, match=r"'twin' is declared by more than one installed package: bad_one:A \(package pkg-one\); bad_two:B \(package pkg-two\)"):
+        reg.get("twin")
+    with pytest.raises(RegistryError, match=r"'broken' = 'bad_one:Missing'.*pkg-one.*failed to import"):
+        reg.get("broken")
+    with pytest.raises(RegistryError, match="names a module"):
+        reg.get("mod")
+    with pytest.raises(RegistryError, match="already declared by the entry point bad_one:A, bad_two:B"):
+        reg.register("twin", Widget)
+    for module in ("bad_one", "bad_two"):
+        sys.modules.pop(module, None)

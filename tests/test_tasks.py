@@ -11,16 +11,17 @@ from unimoe.model.config import AudioLMConfig
 from unimoe.model.delay import CodecSpecials, delayed_segment
 from unimoe.model.tasks import (
     IGNORE_INDEX,
-    TASK_IDS,
     Modality,
     Sequence,
     SequenceTooLong,
     TaskBuilder,
+    TaskIds,
     build_task_builder,
     collate,
+    task_class,
 )
 from unimoe.model.text_tokenizer import ByteTokenizer
-from unimoe.registry import TASKS
+from unimoe.registry import TASKS, RegistryError
 
 CFG = AudioLMConfig.from_preset("tiny")
 SP = CodecSpecials(CFG.codebook_size)
@@ -46,9 +47,18 @@ def blocks(seq: Sequence) -> list[tuple[int, int]]:
     return out
 
 
-def test_task_ids_are_stable_and_plugins_come_after():
-    assert (TASK_IDS["tts"], TASK_IDS["t2m"], TASK_IDS["v2m"]) == (0, 1, 2)
-    assert TASK_IDS.name(2) == "v2m"
+def test_task_ids_extend_without_renumbering_and_legacy_order():
+    ids = TaskIds(["t2m", "tts"])
+    assert (ids["t2m"], ids["tts"], ids.name(1)) == (0, 1, "tts")
+    grown = ids.extended(["v2m", "tts", "aa_new"])
+    assert grown.names == ["t2m", "tts", "aa_new", "v2m"]  # appended in name order, old ids unchanged
+    assert ids.extended(["tts"]) is ids
+    with pytest.raises(KeyError, match="'nope' has no id"):
+        ids["nope"]
+    with pytest.raises(ValueError, match="distinct"):
+        TaskIds(["tts", "tts"])
+    # checkpoints from before stored ids were trained with this order
+    assert TaskIds.legacy().names[:3] == ["tts", "t2m", "v2m"]
 
     class Echo(TaskBuilder):
         task, conditions, default_instruction = "zz_echo", ("text",), "echo: "
@@ -58,13 +68,26 @@ def test_task_ids_are_stable_and_plugins_come_after():
 
     TASKS.register("zz_echo", Echo)
     try:
-        assert TASK_IDS["zz_echo"] == len(TASK_IDS) - 1 >= 3
-        seq = build_task_builder("zz_echo", CFG).build(codes(3), text="x")
-        assert seq.task_id == TASK_IDS["zz_echo"]
+        assert TaskIds.legacy()["zz_echo"] == len(TaskIds.legacy()) - 1 >= 3
+        seq = build_task_builder("zz_echo", CFG, task_ids=TaskIds(["zz_echo"])).build(codes(3), text="x")
+        assert seq.task_id == 0  # the model's table decides, not the registry
+        assert build_task_builder("t2m", CFG, task_ids=grown).build(codes(3), text="x").task_id == 0
     finally:
         TASKS._factories.pop("zz_echo")
-    with pytest.raises(KeyError, match="unknown task 'nope'"):
-        TASK_IDS["nope"]
+
+
+def test_tasks_declare_what_they_need():
+    tts, t2m, v2m = task_class("tts"), task_class("t2m"), task_class("v2m")
+    assert (tts.domain, t2m.domain, v2m.domain) == ("speech", "music", "music")
+    assert (tts.required, t2m.required, v2m.required) == (("text",), ("text",), ("video",))
+    assert tts.speaker_prompt and not t2m.speaker_prompt and not v2m.speaker_prompt
+    assert tts.accepts("prompt_text") and v2m.accepts("video") and not t2m.accepts("video")
+    with pytest.raises(ValueError, match=r"t2m: 'text' \(the caption\) is required"):
+        build_task_builder("t2m", CFG).build(codes(3))
+    with pytest.raises(ValueError, match=r"v2m: 'video' \(frames"):
+        build_task_builder("v2m", CFG).build(codes(3), text="x")
+    with pytest.raises(RegistryError, match="unknown task builder 'nope'"):
+        task_class("nope")
 
 
 def test_tts_layout_with_prompt():

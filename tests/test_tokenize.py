@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,8 @@ import torch
 
 from unimoe.codecs.base import AudioCodec
 from unimoe.data.manifest import ManifestEntry, ManifestError, write_manifest
-from unimoe.data.shards import CodecMismatchError, ShardError, codec_record, compare_codecs, load_shard, read_index
+from unimoe.data.index import open_index as read_index
+from unimoe.data.shards import CodecMismatchError, ShardError, codec_record, compare_codecs, load_shard
 from unimoe.data.tokenize import TokenizeConfig, tokenize_manifest
 
 SR = 16000
@@ -133,10 +135,10 @@ def test_shard_content_matches_the_codec_and_skips_are_explained(tmp_path):
     assert torch.equal(music["video"], torch.from_numpy(video).permute(0, 3, 1, 2))
 
     index = read_index(tmp_path / "out")
-    assert index["codec"] == codec_record(codec) and index["num_items"] == 2
-    assert {k: v for k, v in index["codec"].items() if k != "weights_sha256"} == codec.describe()
-    assert index["items"]["id"] == ["ok", "music"] and index["items"]["frames"] == [50, 200]
-    assert index["items"]["prompt_frames"] == [100, 0] and index["items"]["video_frames"] == [0, 5]
+    assert index.codec == codec_record(codec) and len(index) == 2
+    assert {k: v for k, v in index.codec.items() if k != "weights_sha256"} == codec.describe()
+    assert index.values("id") == ["ok", "music"] and index.values("frames") == [50, 200]
+    assert index.values("prompt_frames") == [100, 0] and index.values("video_frames") == [0, 5]
     assert load_shard(tmp_path / "out" / "shard-00000.pt")["codec"] == codec_record(codec)
 
 
@@ -151,13 +153,13 @@ def test_changed_codec_or_settings_refused_on_resume(tmp_path):
     with pytest.raises(ShardError, match="another codec"):
         tokenize_manifest(m, FrameEnergyCodec(gain=2.0), tmp_path / "out", config=TokenizeConfig(shard_size=5), progress=False)
     index = read_index(tmp_path / "out")
-    compare_codecs(index["codec"], FrameEnergyCodec(gain=2.0).describe(), "x")  # describe() alone cannot tell
+    compare_codecs(index.codec, FrameEnergyCodec(gain=2.0).describe(), "x")  # describe() alone cannot tell
     with pytest.raises(CodecMismatchError, match="weights_sha256"):
-        compare_codecs(index["codec"], codec_record(FrameEnergyCodec(gain=2.0)), "x")
+        compare_codecs(index.codec, codec_record(FrameEnergyCodec(gain=2.0)), "x")
     # with overwrite the shards are redone for the new codec
     report = tokenize_manifest(m, FrameEnergyCodec(hop_length=160), tmp_path / "out", config=TokenizeConfig(shard_size=5),
                                overwrite=True, progress=False)
-    assert report.encoded == 3 and read_index(tmp_path / "out")["codec"]["hop_length"] == 160
+    assert report.encoded == 3 and read_index(tmp_path / "out").codec["hop_length"] == 160
 
 
 def test_bad_manifest_is_refused_with_line(tmp_path):
@@ -189,7 +191,7 @@ def test_kill_and_resume_gives_identical_shards(tmp_path):
     proc.wait()
     finished = sorted(out.glob("shard-*.pt"))
     assert 2 <= len(finished) < 6, "the run was not interrupted mid-way"
-    assert not (out / "index.json").exists()
+    assert not (out / "index").exists()
     with pytest.raises(ShardError, match="did not finish"):
         read_index(out)
     stamps = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in finished}
@@ -202,7 +204,7 @@ def test_kill_and_resume_gives_identical_shards(tmp_path):
         assert ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) == stamp
     assert read_all(out) == read_all(reference)
     ref_index, index = read_index(reference), read_index(out)
-    assert index["items"] == ref_index["items"]
+    assert [index.row(i) for i in range(len(index))] == [ref_index.row(i) for i in range(len(ref_index))]
     assert not list(out.glob(".shard-*"))
 
 
@@ -217,7 +219,7 @@ def test_half_written_and_corrupt_shards_are_never_read(tmp_path):
     (out / ".shard-00002.pt.tmp-12345").write_bytes(good[: len(good) // 2])
     (out / "shard-00003.pt").write_bytes(good[: len(good) // 3])
     (out / "shard-00002.pt").unlink()
-    (out / "index.json").unlink()
+    shutil.rmtree(out / "index")
     report = tokenize_manifest(m, FrameEnergyCodec(), out, config=cfg, progress=False)
     assert report.encoded == 2 and report.reused == 2
     assert not list(out.glob(".shard-*"))
@@ -242,4 +244,4 @@ def test_worker_processes_match_single_process(tmp_path):
 def test_split_filter(tmp_path):
     m = small_corpus(tmp_path)
     report = tokenize_manifest(m, FrameEnergyCodec(), tmp_path / "val", config=TokenizeConfig(splits=("val",)), progress=False)
-    assert report.items == 1 and read_index(tmp_path / "val")["items"]["id"] == ["u5"]
+    assert report.items == 1 and read_index(tmp_path / "val").values("id") == ["u5"]

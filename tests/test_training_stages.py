@@ -17,7 +17,7 @@ from training_helpers import tiny_data  # noqa: E402
 from unimoe.checkpoint import CheckpointMetadata, load_model, save_model, save_model_checkpoint  # noqa: E402
 from unimoe.data.datamodule import UniMoEDataModule  # noqa: E402
 from unimoe.model.config import AudioLMConfig  # noqa: E402
-from unimoe.model.tasks import IGNORE_INDEX, TASK_IDS, build_task_builder, collate  # noqa: E402
+from unimoe.model.tasks import IGNORE_INDEX, TaskIds, build_task_builder, collate  # noqa: E402
 from unimoe.model.transformer import AudioLM  # noqa: E402
 from unimoe.moe.config import MoEConfig  # noqa: E402
 from unimoe.training.init_from import InitFrom, load_initial_weights  # noqa: E402
@@ -218,14 +218,14 @@ def test_per_task_per_codebook_losses_match_a_direct_computation():
     seqs += [build_task_builder("t2m", TINY).build(torch.randint(0, K, (C, 9 + i)), drop_condition=False, text="calm")
              for i in range(2)]
     batches = [collate(seqs[:2]), collate(seqs[2:])]
-    acc = TaskLossAccumulator(C)
+    acc = TaskLossAccumulator(C, TaskIds.legacy())
     sums, counts = {}, {}
     with torch.no_grad():
         for batch in batches:
             out = model(batch, logits="all")
             acc.update(out.token_loss, batch.labels, batch.task_ids)
             for b in range(batch.labels.shape[0]):
-                task = TASK_IDS.name(int(batch.task_ids[b, 0]))
+                task = TaskIds.legacy().name(int(batch.task_ids[b, 0]))
                 for c in range(C):
                     labels = batch.labels[b, c]
                     keep = labels != IGNORE_INDEX

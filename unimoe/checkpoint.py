@@ -39,7 +39,9 @@ import torch
 from unimoe.atomic import atomic_path
 from unimoe.model.config import AudioLMConfig
 from unimoe.moe.config import MoEConfig
+from unimoe.model.tasks import TaskIds
 from unimoe.registry import ComponentSpec
+from unimoe.sharded_checkpoint import is_sharded_checkpoint
 
 METADATA_KEY = "unimoe"
 MODEL_PREFIX = "model."
@@ -105,6 +107,13 @@ class CheckpointMetadata:
     stage: str = "unknown"
     tasks: dict[str, ComponentSpec] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    task_ids: Optional[list[str]] = None
+    """Task names in id order (the model's :class:`~unimoe.model.tasks.TaskIds`); None in
+    checkpoints written before ids were stored (:meth:`task_table` falls back to the old order)."""
+
+    def task_table(self) -> TaskIds:
+        """The task ids this model was trained with (stored, else the legacy order)."""
+        return TaskIds(self.task_ids) if self.task_ids is not None else TaskIds.legacy()
 
     def to_dict(self) -> dict[str, Any]:
         return plain_json({
@@ -113,6 +122,7 @@ class CheckpointMetadata:
             "codec": self.codec,
             "stage": self.stage,
             "tasks": dict(self.tasks),
+            "task_ids": None if self.task_ids is None else list(self.task_ids),
             "extra": dict(self.extra),
         })
 
@@ -130,6 +140,7 @@ class CheckpointMetadata:
                 stage=data.get("stage", "unknown"),
                 tasks=dict(data.get("tasks") or {}),
                 extra=dict(data.get("extra") or {}),
+                task_ids=None if data.get("task_ids") is None else [str(n) for n in data["task_ids"]],
             )
         except CheckpointError as exc:
             raise CheckpointError(f"{source}: {exc}") from exc
@@ -160,9 +171,9 @@ def open_model_file(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{path} is a bare safetensors file: it does not say which model it holds. unimoe reads a model "
             f"folder ({FOLDER_WEIGHTS} + {FOLDER_CONFIG}, written by 'unimoe export') or a unimoe .ckpt"
         )
-    if path.is_dir():
+    if path.is_dir() and not is_sharded_checkpoint(path):
         return read_model_folder(path)
-    checkpoint = read_checkpoint(path, map_location=map_location)
+    checkpoint = read_checkpoint(path, map_location=map_location)  # a file, or a sharded folder assembled
     metadata = read_metadata(checkpoint, path)
     return ModelFile(path=path, metadata=metadata, tensors=model_state_dict(checkpoint), checkpoint=checkpoint)
 
@@ -171,11 +182,20 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Load a ``.ckpt`` with ``weights_only=True`` (memory-mapped); errors name the file.
 
     A file that holds pickled objects other than tensors and plain containers (which could
-    run code when unpickled) is refused; nothing in it is executed.
+    run code when unpickled) is refused; nothing in it is executed. A sharded checkpoint
+    folder (``MoEParallelStrategy``) is assembled in memory into the same dictionary
+    (:mod:`unimoe.sharded_checkpoint`; its ``meta.pt`` is read with ``weights_only=True`` too).
     """
+    from unimoe.sharded_checkpoint import ShardedCheckpointError, checkpoint_exists, is_sharded_checkpoint, read_sharded_checkpoint
+
     path = Path(path).expanduser()
-    if not path.exists():
+    if not checkpoint_exists(path) and not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if is_sharded_checkpoint(path):
+        try:
+            return read_sharded_checkpoint(path)
+        except ShardedCheckpointError as exc:
+            raise CheckpointError(str(exc)) from exc
     if not path.is_file():
         raise CheckpointError(f"{path} is not a checkpoint file")
     try:

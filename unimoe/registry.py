@@ -1,17 +1,25 @@
 """One registry mechanism for everything pluggable.
 
-Routers, expert types, codec tokenizers, metric backends, task sequence builders, vision
-encoders and text tokenizers all live in a :class:`Registry`. In-tree components register
-with a decorator; a separately installed package adds more through Python entry points in
-the group ``unimoe.<registry name>`` (for example ``unimoe.routers``) without touching
-core code.
+Routers, expert types, codec tokenizers, metric backends, tasks, vision encoders, text
+tokenizers, evaluation scorers and the Lightning classes recipes name (stages, data modules,
+callbacks) all live in a :class:`Registry`. Every component, in-tree or from a separately
+installed package, is declared the same way: a Python entry point in the group
+``unimoe.<registry name>`` (for example ``unimoe.routers``) naming the object::
+
+    [project.entry-points."unimoe.routers"]
+    top_p = "unimoe.moe.routers:TopPRouter"       # unimoe's own pyproject.toml
+    learned_threshold = "my_pkg.routers:LearnedThresholdRouter"   # a plug-in's
+
+Entry points are read from the installed package metadata (no import), and a component's
+module is imported only when its name is first used. :meth:`Registry.register` remains for
+components made at run time (tests, notebooks); in-tree code does not use it.
 
 A component is named in YAML or Python by a *spec* (:data:`ComponentSpec`):
 
 * ``"top_p"``                                   - a registered name
 * ``"my_pkg.routers.FancyRouter"``              - an import path (``pkg.mod.Class`` or ``pkg.mod:Class``)
-* ``{"class_path": "top_p", "init_args": {...}}`` - Lightning-style, name or import path
-* ``{"name": "top_p", "top_p": 0.7}``           - shorthand, extra keys are init args
+* ``{"class_path": "top_p", "init_args": {...}}`` - the YAML spelling (docs/training.md, "Recipes")
+* ``{"name": "top_p", "top_p": 0.7}``           - shorthand, extra keys are init args (Python, older checkpoints)
 * an already built object                       - passed through unchanged
 
 Structural arguments that the caller knows (``hidden_size``, ``num_experts``...) are passed
@@ -22,8 +30,11 @@ constructor does not accept are an error naming the field.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
+import re
+import sys
 from importlib import metadata
 from typing import Any, Callable, Dict, Generic, Iterator, Mapping, TypeVar, Union
 
@@ -31,6 +42,70 @@ T = TypeVar("T")
 
 ComponentSpec = Union[str, Dict[str, Any]]
 """A registered name, an import path, or a dict with ``class_path``/``init_args`` or ``name``."""
+
+
+class ComponentField:
+    """The type of a config field that names a registry component (``router``, ``codec``, ``vision``...).
+
+    jsonargparse (LightningCLI) claims every ``{class_path, init_args}`` mapping it meets inside
+    a config for its own classes, and fails on registry names like ``top_p``. Fields of this
+    type are opaque to it: the parser keeps the spec as it was written and hands it over
+    wrapped; the dataclass (or module) unwraps it with :func:`plain_spec` and the registry
+    resolves it when it builds the component. So recipes spell every component the same way,
+    ``{class_path: top_p, init_args: {top_p: 0.7}}``, from the stage module down to the router.
+    """
+
+    __slots__ = ("spec",)
+
+    def __init__(self, spec: Any) -> None:
+        spec = plain_spec(spec)
+        if isinstance(spec, str) and spec.lstrip().startswith("{"):  # a mapping given on the command line
+            import yaml
+
+            spec = yaml.safe_load(spec)
+        if hasattr(spec, "as_dict") and callable(spec.as_dict):  # a jsonargparse Namespace
+            spec = spec.as_dict()
+        if not isinstance(spec, (str, dict)):
+            raise ValueError(f"a component spec must be a name, an import path or a mapping with class_path "
+                             f"(+ init_args) or name, got {type(spec).__name__} {spec!r}")
+        self.spec = spec
+
+    def __repr__(self) -> str:
+        return f"ComponentField({self.spec!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return plain_spec(other) == self.spec
+
+
+def plain_spec(value: Any) -> Any:
+    """A :class:`ComponentField` (or a list of them) as the plain spec it holds; anything else unchanged."""
+    if isinstance(value, ComponentField):
+        return value.spec
+    if isinstance(value, list):
+        return [plain_spec(v) for v in value]
+    return value
+
+
+def spec_parts(spec: Any) -> tuple[Any, dict[str, Any]]:
+    """``(name, init args)`` of a component spec in any spelling (``{class_path, init_args}``, ``{name, ...}``,
+    a bare name); a built object comes back as ``(object, {})``. Two specs that build the same thing compare equal."""
+    spec = plain_spec(spec)
+    if isinstance(spec, Mapping) and "class_path" in spec:
+        return spec["class_path"], dict(spec.get("init_args") or {})
+    if isinstance(spec, Mapping) and "name" in spec:
+        return spec["name"], {k: v for k, v in spec.items() if k != "name"}
+    return spec, {}
+
+
+def _register_with_jsonargparse() -> None:
+    try:
+        from jsonargparse.typing import register_type
+    except ImportError:  # jsonargparse is a dependency; without it there is no YAML parsing to protect
+        return
+    register_type(ComponentField, serializer=plain_spec, deserializer=ComponentField)
+
+
+_register_with_jsonargparse()
 
 ENTRY_POINT_PREFIX = "unimoe."
 
@@ -52,14 +127,21 @@ class Registry(Generic[T]):
         self.base = base
         self.entry_point_group = ENTRY_POINT_PREFIX + name
         self._factories: dict[str, Callable[..., T]] = {}
-        self._entry_points_loaded = False
+        self._entry_points: dict[str, list[metadata.EntryPoint]] | None = None
 
     # ------------------------------------------------------------------ registration
     def register(self, name: str, factory: Callable[..., T] | None = None):
-        """Register ``factory`` under ``name``; usable as ``@REGISTRY.register("name")``."""
+        """Register ``factory`` under ``name`` at run time; usable as ``@REGISTRY.register("name")``.
+
+        Installed components are declared as entry points instead (see the module docstring).
+        """
 
         def decorator(obj: Callable[..., T]) -> Callable[..., T]:
             existing = self._factories.get(name)
+            if existing is None and name in self._declared():
+                existing_ref = ", ".join(sorted(ep.value for ep in self._declared()[name]))
+                raise RegistryError(f"{self.kind} name {name!r} is already declared by the entry point {existing_ref}; "
+                                    f"pick another name for {_qualname(obj)}")
             if existing is not None and existing is not obj:
                 raise RegistryError(
                     f"{self.kind} name {name!r} is already registered to "
@@ -70,47 +152,60 @@ class Registry(Generic[T]):
 
         return decorator(factory) if factory is not None else decorator
 
+    def _declared(self) -> dict[str, list[metadata.EntryPoint]]:
+        """Entry points of this registry's group by name, read once from the package metadata (nothing imported)."""
+        if self._entry_points is None:
+            self._entry_points = _installed_entry_points(tuple(sys.path)).get(self.entry_point_group, {})
+        return self._entry_points
+
+    def _load(self, name: str) -> Callable[..., T]:
+        points = self._declared()[name]
+        if len({ep.value for ep in points}) > 1:
+            owners = "; ".join(sorted(f"{ep.value} (package {_dist_name(ep)})" for ep in points))
+            raise RegistryError(f"{self.kind} name {name!r} is declared by more than one installed package: {owners}. "
+                                f"Uninstall one of them or rename its entry point.")
+        ep = points[0]
+        try:
+            obj = ep.load()
+        except Exception as exc:  # a broken plug-in must say which entry point broke
+            raise RegistryError(
+                f"plug-in entry point {ep.name!r} = {ep.value!r} in group "
+                f"{self.entry_point_group!r} (package {_dist_name(ep)}) failed to import: {exc}"
+            ) from exc
+        if inspect.ismodule(obj):
+            raise RegistryError(f"entry point {ep.name!r} = {ep.value!r} in group {self.entry_point_group!r} names a "
+                                f"module; it must name the component itself (package.module:Class)")
+        self._factories[name] = obj
+        return obj
+
     def load_entry_points(self) -> None:
-        """Import every plug-in that declares this registry's entry-point group (once)."""
-        if self._entry_points_loaded:
-            return
-        self._entry_points_loaded = True
-        for ep in metadata.entry_points(group=self.entry_point_group):
-            if ep.name in self._factories:
-                continue
-            try:
-                obj = ep.load()
-            except Exception as exc:  # a broken plug-in must not hide the others
-                raise RegistryError(
-                    f"plug-in entry point {ep.name!r} = {ep.value!r} in group "
-                    f"{self.entry_point_group!r} failed to import: {exc}"
-                ) from exc
-            # An entry point may name the component itself or a module that registers it.
-            if not inspect.ismodule(obj):
-                self.register(ep.name, obj)
+        """Import every component this registry's entry points declare (``unimoe plugins``, LightningCLI short names)."""
+        for name in self._declared():
+            if name not in self._factories:
+                self._load(name)
 
     # ------------------------------------------------------------------ lookup
     def names(self) -> list[str]:
-        self.load_entry_points()
-        return sorted(self._factories)
+        return sorted(set(self._factories) | set(self._declared()))
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name in self.names()
+        return isinstance(name, str) and (name in self._factories or name in self._declared())
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def get(self, name: str) -> Callable[..., T]:
         """Resolve a registered name or an import path to its factory."""
-        self.load_entry_points()
         if name in self._factories:
             return self._factories[name]
+        if name in self._declared():
+            return self._load(name)
         if "." in name or ":" in name:
             return _import_path(name, self.kind)
         raise RegistryError(
             f"unknown {self.kind} {name!r}. Registered {self.name}: "
             f"{', '.join(self.names()) or '(none)'}. "
-            f"A full import path (package.module.Class) also works."
+            f"A full import path (package.module.Class) also works.{_installation_hint()}"
         )
 
     # ------------------------------------------------------------------ building
@@ -186,6 +281,46 @@ class Registry(Generic[T]):
         return f"Registry({self.name!r}, {len(self._factories)} registered)"
 
 
+@functools.lru_cache(maxsize=4)
+def _installed_entry_points(search_path: tuple[str, ...]) -> dict[str, dict[str, list[metadata.EntryPoint]]]:
+    """``unimoe.*`` entry points of every installed distribution: group -> name -> entry points.
+
+    Unlike ``importlib.metadata.entry_points()`` this keeps two packages' entry points of the
+    same name (so a clash is an error instead of a silent pick); like it, a distribution
+    found twice on ``sys.path`` counts once (the first one, as Python's import would).
+    Read once per ``search_path`` (``sys.path``), shared by all registries.
+    """
+    found: dict[str, dict[str, list[metadata.EntryPoint]]] = {}
+    seen: set[str] = set()
+    for dist in metadata.distributions():
+        key = re.sub(r"[-_.]+", "-", (dist.metadata["Name"] or "").lower())
+        if key in seen:
+            continue
+        seen.add(key)
+        for ep in dist.entry_points:
+            if ep.group.startswith(ENTRY_POINT_PREFIX):
+                found.setdefault(ep.group, {}).setdefault(ep.name, []).append(ep)
+    return found
+
+
+def _dist_name(ep: metadata.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return getattr(dist, "name", None) or "?"
+
+
+def _installation_hint() -> str:
+    """Why in-tree names can be missing: unimoe itself is not installed, or its metadata is older than the code."""
+    try:
+        declared = [ep for ep in metadata.distribution("unimoe").entry_points if ep.group.startswith(ENTRY_POINT_PREFIX)]
+    except metadata.PackageNotFoundError:
+        return (" unimoe's own components are entry points of the installed package, and unimoe is not installed "
+                "here: run `pip install -e .` in the source tree (scripts/setup.sh does).")
+    if not declared:
+        return (" The installed unimoe metadata declares no components (installed from an older pyproject.toml?): "
+                "run `pip install -e .` again (scripts/setup.sh does when pyproject.toml changes).")
+    return ""
+
+
 def _qualname(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
 
@@ -212,13 +347,28 @@ VISION_ENCODERS: Registry = Registry("vision_encoders", "vision encoder")
 TEXT_TOKENIZERS: Registry = Registry("text_tokenizers", "text tokenizer")
 SCORERS: Registry = Registry("eval_scorers", "evaluation metric")
 """Metric definitions (WER, SIM, FAD...) that combine a METRICS backend's outputs into a score."""
+STAGES: Registry = Registry("stages", "training stage")
+DATA_MODULES: Registry = Registry("data_modules", "data module")
+CALLBACKS: Registry = Registry("callbacks", "training callback")
+STRATEGIES: Registry = Registry("strategies", "training strategy")
+"""Lightning strategies unimoe adds (``strategy: {class_path: MoEParallelStrategy, ...}``)."""
+LIGHTNING_REGISTRIES: tuple[Registry, ...] = (STAGES, DATA_MODULES, CALLBACKS, STRATEGIES)
+"""Classes recipes name by their short class name (``class_path: JointStage``); LightningCLI
+resolves those among imported classes, so the CLI imports these groups before it parses
+(entry-point name = class name)."""
 
 ALL_REGISTRIES: tuple[Registry, ...] = (
-    ROUTERS, EXPERTS, CODECS, METRICS, TASKS, VISION_ENCODERS, TEXT_TOKENIZERS, SCORERS,
+    ROUTERS, EXPERTS, CODECS, METRICS, TASKS, VISION_ENCODERS, TEXT_TOKENIZERS, SCORERS, *LIGHTNING_REGISTRIES,
 )
 
 
 def load_all_plugins() -> None:
-    """Import every installed plug-in so its classes are known before config parsing."""
+    """Import every declared component of every registry (``unimoe plugins`` lists them)."""
     for registry in ALL_REGISTRIES:
+        registry.load_entry_points()
+
+
+def load_lightning_classes() -> None:
+    """Import the stages, data modules, callbacks and strategies (in-tree and plug-in) so YAML can name them by class name."""
+    for registry in LIGHTNING_REGISTRIES:
         registry.load_entry_points()

@@ -1,6 +1,6 @@
 """Adaptive compute on a trained checkpoint: quality and speed at several router top-p values and expert budgets.
 
-``unimoe bench adaptive --ckpt runs/demo/joint/final.ckpt --shards data/demo/shards`` runs, for
+``unimoe bench adaptive --ckpt runs/demo/joint/final --shards data/demo/shards`` runs, for
 each routing setting (the trained top-p, ``--top-p`` overrides, ``--budgets`` experts per token):
 
 * quality: the teacher-forced audio loss (sum over codebooks of each codebook's mean CE, the
@@ -26,6 +26,7 @@ import torch
 
 from unimoe.bench.generate import CAPTIONS, Timer
 from unimoe.checkpoint import load_model
+from unimoe.data.index import INDEX_DIR, LEGACY_INDEX_FILE, META_FILE
 from unimoe.generation.decode import decode
 from unimoe.generation.generator import effective_router_top_p, inference_mode
 from unimoe.generation.sampling import CodebookSampling
@@ -56,9 +57,9 @@ def eval_batches(cfg: AdaptiveBenchConfig, model) -> list:
     from unimoe.data.datamodule import UniMoEDataModule
 
     root = Path(cfg.shards)
-    sources = {d.name: str(d) for d in sorted(root.iterdir()) if (d / "index.json").is_file()} if root.is_dir() else {}
+    sources = {d.name: str(d) for d in sorted(root.iterdir()) if is_shard_folder(d)} if root.is_dir() else {}
     if not sources:
-        raise ValueError(f"--shards {root}: no shard folders (each with index.json) inside")
+        raise ValueError(f"--shards {root}: no shard folders (each with {INDEX_DIR}/{META_FILE} or {LEGACY_INDEX_FILE}) inside")
     dm = UniMoEDataModule(sources, model=model.config, max_tokens=cfg.max_tokens, train_split=None,
                           val_split=cfg.split if cfg.split == "val" else None,
                           test_split=cfg.split if cfg.split != "val" else None)
@@ -68,6 +69,11 @@ def eval_batches(cfg: AdaptiveBenchConfig, model) -> list:
     if not batches:
         raise ValueError(f"--shards {root}: no examples in split {cfg.split!r}")
     return batches
+
+
+def is_shard_folder(path: Path) -> bool:
+    """A finished task shard folder: memory-mapped columns or an older ``index.json``."""
+    return (path / INDEX_DIR / META_FILE).is_file() or (path / LEGACY_INDEX_FILE).is_file()
 
 
 @torch.no_grad()
@@ -90,7 +96,7 @@ def quality(model, batches) -> dict:
 
 def run(cfg: AdaptiveBenchConfig) -> dict:
     if not cfg.ckpt:
-        raise ValueError("--ckpt is required (an MoE checkpoint, e.g. runs/demo/joint/final.ckpt)")
+        raise ValueError("--ckpt is required (an MoE checkpoint, e.g. runs/demo/joint/final)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model, meta = load_model(cfg.ckpt, map_location="cpu")

@@ -312,8 +312,20 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.add_argument(flag, type=type(value), default=value)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--ep", type=int, default=1,
+                        help="expert parallelism over this many CPU processes (gloo), timed next to one process "
+                             "(unimoe.bench.moe_ep); default 1: the single-process benchmark")
     args = vars(parser.parse_args(argv))
-    as_json, threads = args.pop("json"), args.pop("threads")
+    as_json, threads, ep = args.pop("json"), args.pop("threads"), args.pop("ep")
+    if ep > 1:
+        from unimoe.bench.moe_ep import run_expert_parallel
+
+        try:
+            result = run_expert_parallel(MoEBenchConfig(**args), ep, threads)
+        except ValueError as exc:
+            parser.error(str(exc))
+        print(json.dumps(result, indent=2) if as_json else _ep_text(result))
+        return 0
     if threads:
         torch.set_num_threads(threads)
     result = run(MoEBenchConfig(**args))
@@ -326,3 +338,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {k:18s} {result[k]}")
         print(f"  mean real experts/token {result['routing']['mean_active_real']:.2f}, max/mean load {result['routing']['max_over_mean_load']:.2f}")
     return 0
+
+
+def _ep_text(result: dict) -> str:
+    lines = [f"moe layer, expert parallel over {result['ep']} gloo processes, {result['tokens_per_rank']} tokens per rank "
+             f"({result['dtype']}, forward+backward, median of the slowest rank)"]
+    for k in ("single_process_ms", "ep_ms", "ep_over_single", "ep_forward_ms", "all_to_all_forward_ms",
+              "all_to_all_share_forward"):
+        lines.append(f"  {k:26s} {result[k]}")
+    return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Codec tokenizers: waveform <-> parallel streams of discrete tokens.
 
-Importing this package registers the built-in codecs in :data:`unimoe.registry.CODECS`:
+The built-in codecs (entry points in ``unimoe.codecs``, resolved by :data:`unimoe.registry.CODECS`):
 
 * ``encodec``      - Meta's EnCodec 24 kHz (pretrained weights from a local path or download)
 * ``vocos``        - EnCodec tokens decoded by Vocos (same weight rules)

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from unimoe.codecs.base import AudioCodec, exact_length
 from unimoe.codecs.dac_model import DAC_VARIANTS, DacNetwork
 from unimoe.codecs.dac_weights import build_dac_network, load_dac_checkpoint, locate_dac_weights, release_of, weights_hint
-from unimoe.registry import CODECS
 
 __all__ = ["DacCodec", "DAC_VARIANT_ALIASES"]
 
@@ -43,7 +42,6 @@ def _variant_name(variant: str | None) -> str | None:
     return name
 
 
-@CODECS.register("dac")
 class DacCodec(AudioCodec):
     """DAC: ``wav [B, 1, S]`` <-> ``codes [B, n_quantizers, ceil(S / hop)]``.
 

@@ -18,7 +18,6 @@ from encodec import EncodecModel
 from unimoe.codecs.base import AudioCodec, exact_length
 from unimoe.codecs.kmeans import nearest
 from unimoe.codecs.weights import encodec_24khz_state_dict
-from unimoe.registry import CODECS
 
 __all__ = ["EncodecCodec", "ENCODEC_BANDWIDTHS", "build_encodec_24khz"]
 
@@ -73,7 +72,6 @@ def _bandwidth_codebooks(bandwidth: float, allowed: dict[float, int], codec: str
         raise ValueError(f"{codec}: unsupported bandwidth {bandwidth!r} kbps; choose one of {options}") from None
 
 
-@CODECS.register("encodec")
 class EncodecCodec(AudioCodec):
     """EnCodec 24 kHz: ``wav [B, 1, S]`` <-> ``codes [B, C, ceil(S / 320)]`` with C set by bandwidth.
 

@@ -33,7 +33,6 @@ from unimoe.codecs.base import AudioCodec
 from unimoe.codecs.corpus import list_audio_files
 from unimoe.codecs.kmeans import fit_residual_codebooks, rvq_decode, rvq_encode
 from unimoe.codecs.spectral import LogMel
-from unimoe.registry import CODECS
 
 __all__ = ["SpectralRVQConfig", "SpectralRVQCodec", "CodecFileError", "fit_spectral_rvq", "FrameReservoir"]
 
@@ -110,7 +109,6 @@ class FrameReservoir:
         return self._rows
 
 
-@CODECS.register("spectral_rvq")
 class SpectralRVQCodec(AudioCodec):
     """Log-mel residual-VQ codec: ``wav [B, 1, S]`` <-> ``codes [B, C, ceil(S / hop)]``.
 

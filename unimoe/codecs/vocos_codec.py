@@ -26,7 +26,6 @@ from vocos.models import VocosBackbone
 from unimoe.codecs.base import AudioCodec, exact_length
 from unimoe.codecs.encodec_codec import EncodecCodec, _bandwidth_codebooks
 from unimoe.codecs.weights import ENCODEC_24KHZ_FILE, vocos_encodec_state_dict
-from unimoe.registry import CODECS
 
 __all__ = ["VocosCodec", "VOCOS_BANDWIDTHS", "build_vocos_encodec"]
 
@@ -74,7 +73,6 @@ def build_vocos_encodec(encodec: EncodecModel, path: str | Path | None, pretrain
     return vocos.eval()
 
 
-@CODECS.register("vocos")
 class VocosCodec(AudioCodec):
     """EnCodec 24 kHz tokens, Vocos decoder: ``wav [B, 1, S]`` <-> ``codes [B, C, ceil(S / 320)]``.
 

@@ -72,7 +72,6 @@ def _fit(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _roundtrip(args: argparse.Namespace) -> dict[str, Any]:
-    import unimoe.components  # noqa: F401  registers the built-in codecs
     from unimoe.registry import CODECS
 
     codec = CODECS.build(parse_codec_spec(args.codec)).to(args.device).eval()

@@ -3,7 +3,8 @@
     unimoe data demo --out DIR [--scale 1.0] [--seed 0] [--workers N]
     unimoe data import-librispeech --root DIR --out M.jsonl [--split train] [--seed 0]
     unimoe data import-captions --csv C --audio-dir DIR --out M.jsonl [--id-column ytid] ...
-    unimoe data validate M.jsonl [M2.jsonl ...] [--check-files]
+    unimoe data validate M.jsonl|SHARD_DIR [...] [--check-files]
+    unimoe data index SHARD_DIR [...]
 """
 
 from __future__ import annotations
@@ -55,10 +56,15 @@ def _print_skipped(skipped: list[tuple[str, str]], verbose: bool) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from unimoe.data.manifest import check_manifest
 
     status = 0
     for path in args.manifests:
+        if Path(path).is_dir():
+            status = _validate_shards(Path(path)) or status
+            continue
         entries, problems = check_manifest(path, check_files=args.check_files)
         for problem in problems:
             print(problem)
@@ -69,6 +75,45 @@ def _validate(args: argparse.Namespace) -> int:
         print(f"{path}: {verdict}; {len(entries)} valid entries ({dict(tasks)}; {dict(splits)}; {hours:.2f} h)")
         status = status or (1 if problems else 0)
     return status
+
+
+def _validate_shards(directory) -> int:
+    """A shard folder: its index (checksums, ranges, shard files), then a summary."""
+    import numpy as np
+
+    from unimoe.data.index import check_index, open_index
+
+    problems = check_index(directory)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{directory}: {len(problems)} problem(s)")
+        return 1
+    index = open_index(directory)
+    counts = {}
+    for name in ("task", "split"):
+        codes = np.bincount(np.asarray(index.column(name)), minlength=len(index.categories(name)))
+        counts[name] = {c: int(n) for c, n in zip(index.categories(name), codes)}
+    hours = float(np.asarray(index.column("duration")).sum()) / 3600
+    print(f"{directory}: OK; {len(index)} examples in {len(index.shards)} shards ({counts['task']}; {counts['split']}; "
+          f"{hours:.2f} h)")
+    return 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    """Convert shard folders with the old index.json to the memory-mapped index (once)."""
+    from pathlib import Path
+
+    from unimoe.data.index import INDEX_DIR, open_index
+
+    for directory in args.directories:
+        d = Path(directory)
+        before = (d / INDEX_DIR).stat().st_mtime_ns if (d / INDEX_DIR).is_dir() else None
+        index = open_index(d, in_memory_fallback=False)
+        after = (d / INDEX_DIR).stat().st_mtime_ns
+        state = "up to date" if before == after else "converted from index.json"
+        print(f"{d}: {len(index)} examples in {d / INDEX_DIR} ({state})")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,10 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true")
     p.set_defaults(func=_import_captions)
 
-    p = sub.add_parser("validate", help="check manifests; every problem names its line and field")
-    p.add_argument("manifests", nargs="+")
+    p = sub.add_parser("validate", help="check manifests (every problem names its line and field) or shard folders "
+                                         "(index checksums, value ranges, shard files)")
+    p.add_argument("manifests", nargs="+", metavar="MANIFEST_OR_SHARD_DIR")
     p.add_argument("--check-files", action="store_true", help="also require every audio/prompt/video file to exist")
     p.set_defaults(func=_validate)
+
+    p = sub.add_parser("index", help="convert shard folders with the old index.json to the memory-mapped index")
+    p.add_argument("directories", nargs="+", metavar="SHARD_DIR")
+    p.set_defaults(func=_index)
     return parser
 
 
@@ -123,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:  # ShardError is a RuntimeError
         print(f"unimoe data {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

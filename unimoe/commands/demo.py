@@ -19,13 +19,11 @@ and finally prints where the checkpoints, samples, plots and scores are.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 from typing import Callable
-
-DEMO_TASKS = ("tts", "t2m", "v2m")
-
 
 def default_recipe() -> Path:
     """``recipes/demo/curriculum.yaml`` of a source checkout, else of the current folder."""
@@ -64,6 +62,16 @@ class DemoStepError(RuntimeError):
     pass
 
 
+def corpus_tasks(corpus: Path) -> list[str]:
+    """The tasks the built corpus has a manifest for (``corpus.json``), in its order."""
+    try:
+        manifests = json.loads((corpus / "corpus.json").read_text())["manifests"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise DemoStepError(f"{corpus / 'corpus.json'} lists no manifests ({exc}); rebuild the corpus "
+                            f"(unimoe data demo --out {corpus})") from exc
+    return [name for name in manifests if name != "all"]
+
+
 def run_demo(args: argparse.Namespace) -> dict:
     from unimoe.commands import codec, curriculum, data, evaluate, tokenize
 
@@ -81,7 +89,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     else:
         _step("2/5 fit the spectral_rvq codec on the corpus", "codec", codec.main,
               ["fit", "--audio", str(manifests / "all.jsonl"), "--out", str(codec_file)])
-    for task in DEMO_TASKS:
+    for task in corpus_tasks(corpus):
         _step(f"3/5 tokenise {task}", "tokenize", tokenize.main,
               ["--manifest", str(manifests / f"{task}.jsonl"), "--codec", str(codec_file),
                "--out", str(data_dir / "shards" / task), "--workers", str(args.workers)])
@@ -89,7 +97,9 @@ def run_demo(args: argparse.Namespace) -> dict:
           ["--config", str(recipe), "--data_root", str(data_dir), "--root", str(root)])
 
     summary: dict = {"data": str(data_dir), "root": str(root), "recipe": str(recipe)}
-    final = root / "joint" / "final.ckpt"
+    from unimoe.training.curriculum import final_model
+
+    final = final_model(root / "joint")
     summary["checkpoint"] = str(final)
     if not args.skip_eval:
         eval_dir = root / "eval" / "joint"

@@ -41,7 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import unimoe.evaluation.backends  # noqa: F401  registers the in-tree backends (plug-ins load lazily)
     from unimoe.evaluation.report import to_markdown
     from unimoe.evaluation.runner import load_checkpoint_generator, run_suite
     from unimoe.evaluation.suite import load_suite

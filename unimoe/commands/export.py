@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 def _check_complete(source) -> None:
     """The source's tensors must rebuild its own model: exporting a broken file would hide the problem."""
     from unimoe.checkpoint import CheckpointError, load_state_into
-    from unimoe.model.params import meta_model
+    from unimoe.model.transformer import meta_model
 
     try:
         model = meta_model(source.metadata.config)

@@ -5,18 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 
-from unimoe.registry import ALL_REGISTRIES, load_all_plugins
+from unimoe.registry import ALL_REGISTRIES, RegistryError
 
 
 def collect() -> dict[str, dict[str, str]]:
-    import unimoe.components  # noqa: F401  registers the in-tree components
-
-    load_all_plugins()
+    """Registry -> name -> the component's import path (or why it cannot be imported)."""
     out: dict[str, dict[str, str]] = {}
     for registry in ALL_REGISTRIES:
         out[registry.name] = {}
         for name in registry.names():
-            obj = registry.get(name)
+            try:
+                obj = registry.get(name)
+            except RegistryError as exc:  # list a broken plug-in instead of hiding every other one
+                out[registry.name][name] = f"<cannot import: {exc}>"
+                continue
             out[registry.name][name] = f"{obj.__module__}.{obj.__qualname__}"
     return out
 

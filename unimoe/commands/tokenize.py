@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-seconds", type=float, default=d.min_seconds)
     p.add_argument("--max-seconds", type=float, default=d.max_seconds)
     p.add_argument("--silence-db", type=float, default=d.silence_db, help="RMS level (dBFS) below which a clip is silent")
-    p.add_argument("--prompt-tasks", nargs="*", default=list(d.prompt_tasks), help="tasks that need a speaker prompt")
+    p.add_argument("--prompt-tasks", nargs="*", default=None,
+                   help="tasks that need a speaker prompt (default: those that declare one, e.g. tts)")
     p.add_argument("--prompt-max-seconds", type=float, default=d.prompt_max_seconds)
     p.add_argument("--prompt-min-seconds", type=float, default=d.prompt_min_seconds)
     p.add_argument("--splits", nargs="*", default=None, choices=("train", "val", "test"), help="only these splits")
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = TokenizeConfig(
             shard_size=args.shard_size, min_seconds=args.min_seconds, max_seconds=args.max_seconds,
-            silence_db=args.silence_db, prompt_tasks=tuple(args.prompt_tasks), prompt_max_seconds=args.prompt_max_seconds,
+            silence_db=args.silence_db, prompt_tasks=None if args.prompt_tasks is None else tuple(args.prompt_tasks), prompt_max_seconds=args.prompt_max_seconds,
             prompt_min_seconds=args.prompt_min_seconds, splits=tuple(args.splits) if args.splits else None,
         )
         report = tokenize_manifest(args.manifest, args.codec, args.out, config=cfg, workers=args.workers,

@@ -3,16 +3,19 @@
 Configured from LightningCLI YAML, e.g. for the joint stage::
 
     data:
-      class_path: unimoe.data.datamodule.UniMoEDataModule
+      class_path: UniMoEDataModule
       init_args:
         sources: {speech_en: shards/tts, music: shards/t2m, video_music: shards/v2m}
-        model: small_moe            # preset name or an AudioLMConfig (same as the model's)
         mix: balanced
         temperature: 3.0
         max_tokens: 16384
 
-Specialists use one source with ``mix: raw``; the warmup stage uses ``mix: seed`` with a
-small ``seed_size``. Validation and test iterate every example of their split once, in
+The sequence layout (codebooks, delays, tokenizer, vision encoder, ``max_seq_len``) and the
+task ids come from the training stage the data module is attached to
+(:meth:`~unimoe.training.stages.StageModule.sequence_layout`): the model config is written
+once, in the stage (or comes from its ``init_from`` checkpoint). ``model`` is only for using
+the data module on its own (tests, notebooks). Specialists use one source with ``mix: raw``;
+the warmup stage uses ``mix: seed`` with a small ``seed_size``. Validation and test iterate every example of their split once, in
 order, without condition drop. Under DDP set ``Trainer(use_distributed_sampler=False)``:
 the batch sampler shards batches across ranks itself (equal counts on every rank).
 
@@ -37,37 +40,49 @@ from unimoe.data.resumable import ResumableDataLoader
 from unimoe.data.sampler import (
     MixtureSampler, SubsetSampler, TokenBudgetBatchSampler, mixture_probabilities, seed_subset,
 )
-from unimoe.data.sequences import SequenceMaker
+from unimoe.data.sequences import SequenceLayout, SequenceMaker
+from unimoe.data.index import open_index
 from unimoe.data.shards import CodecMismatchError, compare_codecs
-from unimoe.model.config import AudioLMConfig
+from unimoe.model.config import AudioLMConfig, model_config
+from unimoe.model.tasks import TaskIds
 
 log = logging.getLogger(__name__)
 
 
 class _Split:
-    """The datasets of one split, one per source, with lengths that fit the limits."""
+    """The datasets of one split, one per source, with lengths that fit the limits.
+
+    Per example it keeps only numpy arrays (lengths, kept positions): a few bytes each,
+    never Python objects, so a 5M-example mix stays small in every rank.
+    """
 
     def __init__(self, datasets: dict[str, ShardDataset], maker: SequenceMaker, max_len: int, max_tokens: int) -> None:
         self.names = list(datasets)
         self.kept: dict[str, np.ndarray] = {}
-        self.lengths: dict[str, np.ndarray] = {}
         self.datasets = datasets
-        for name, ds in datasets.items():
-            lengths = np.array([maker.length(ds.row(i)) for i in range(len(ds))], dtype=np.int64)
-            limit = min(max_len, max_tokens)
-            ok = lengths <= limit
+        lengths = [maker.lengths(datasets[n]) for n in self.names]
+        limit = min(max_len, max_tokens)
+        for name, ds, length in zip(self.names, (datasets[n] for n in self.names), lengths):
+            ok = length <= limit
             if (~ok).any():
-                worst = int(np.argmax(lengths))
+                worst = int(np.argmax(length))
                 log.warning("source %r (%s): leaving out %d of %d examples longer than %d tokens (longest: %s, %d tokens)",
-                            name, ds.split, int((~ok).sum()), len(ds), limit, ds.rows["id"][worst], int(lengths[worst]))
-            self.kept[name] = np.nonzero(ok)[0]
-            self.lengths[name] = lengths
+                            name, ds.split, int((~ok).sum()), len(ds), limit, ds.row(worst)["id"], int(length[worst]))
+            self.kept[name] = np.nonzero(ok)[0].astype(_index_dtype(len(ds)))
         self.concat = ConcatDataset([datasets[n] for n in self.names])
         self.offsets = [0, *np.cumsum([len(datasets[n]) for n in self.names])[:-1].tolist()]
-        self.all_lengths = np.concatenate([self.lengths[n] for n in self.names]) if self.names else np.zeros(0, np.int64)
+        self.all_lengths = (np.concatenate(lengths) if lengths else np.zeros(0, np.int64)).astype(np.int32)
+
+    @property
+    def lengths(self) -> dict[str, np.ndarray]:
+        return {n: self.all_lengths[o: o + len(self.datasets[n])] for n, o in zip(self.names, self.offsets)}
 
     def sizes(self) -> dict[str, int]:
         return {n: len(self.kept[n]) for n in self.names}
+
+
+def _index_dtype(n: int) -> type:
+    return np.int32 if n < 2**31 else np.int64
 
 
 class UniMoEDataModule(L.LightningDataModule):
@@ -75,7 +90,9 @@ class UniMoEDataModule(L.LightningDataModule):
 
     Args:
         sources: source name -> shard directory (or several directories of one source).
-        model: the model's ``AudioLMConfig`` or preset name: task builders, lengths, codec shape.
+        model: only without a training stage (standalone use): the ``AudioLMConfig`` or preset
+            name to lay sequences out for (task ids then number the data's tasks in name order).
+            Under a stage the layout is the stage's; a ``model`` given there must agree with it.
         mix: ``raw`` (natural proportions), ``balanced`` (``weights`` or ``temperature``,
             else equal per source) or ``seed`` (a fixed subset of ``seed_size`` examples,
             balanced like ``balanced``).
@@ -101,7 +118,7 @@ class UniMoEDataModule(L.LightningDataModule):
     def __init__(
         self,
         sources: Dict[str, Union[str, List[str]]],
-        model: Union[str, AudioLMConfig] = "tiny",
+        model: Optional[Union[str, AudioLMConfig, Dict[str, Any]]] = None,
         mix: Literal["raw", "balanced", "seed"] = "raw",
         weights: Optional[Dict[str, float]] = None,
         temperature: Optional[float] = None,
@@ -125,7 +142,8 @@ class UniMoEDataModule(L.LightningDataModule):
         if not sources:
             raise ValueError("UniMoEDataModule needs at least one source (name -> shard directory)")
         self.sources = {name: [str(d)] if isinstance(d, (str, Path)) else [str(x) for x in d] for name, d in sources.items()}
-        self.model_config = _model_config(model)
+        self.model_config = model_config(model, "UniMoEDataModule.model") if model is not None else None
+        self.layout: SequenceLayout | None = None
         mixture_probabilities({n: 1 for n in self.sources}, mix, weights, temperature)  # validate early
         self.mix, self.weights, self.temperature = mix, weights, temperature
         self.seed_size, self.samples_per_epoch = seed_size, samples_per_epoch
@@ -137,10 +155,47 @@ class UniMoEDataModule(L.LightningDataModule):
         self._data: dict[str, _Split] = {}
         self.codec_info: dict[str, Any] | None = None
 
+    # ------------------------------------------------------------------ layout
+    def data_tasks(self) -> list[str]:
+        """Every task in the sources' shards (any split), in name order; read from the indexes only."""
+        tasks = set()
+        for dirs in self.sources.values():
+            for d in dirs:
+                tasks.update(open_index(Path(d)).categories("task"))
+        return sorted(tasks)
+
+    def builder_specs(self, tasks: list[str]) -> dict[str, dict[str, Any]]:
+        """The task-builder spec of each task as this data module builds it (recorded in checkpoints)."""
+        return {t: {"name": t, "cond_drop_prob": self.cond_drop_prob, **(self.task_args or {}).get(t, {})} for t in tasks}
+
+    def resolve_layout(self) -> SequenceLayout:
+        """The stage's layout (it also assigns ids to the data's new tasks), else the explicit ``model``'s."""
+        if self.layout is not None:
+            return self.layout
+        tasks = self.data_tasks()
+        trainer = getattr(self, "trainer", None)
+        stage = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        if stage is not None and hasattr(stage, "sequence_layout"):
+            layout = stage.sequence_layout(self.builder_specs(tasks))
+            diff = [] if self.model_config is None else layout.disagreements(self.model_config)
+            if diff:
+                raise ValueError(
+                    "data.init_args.model disagrees with the stage's model on how sequences are laid out "
+                    f"({'; '.join(diff)}); drop data.init_args.model: the data module takes the stage's layout")
+        elif self.model_config is not None:
+            layout = SequenceLayout(self.model_config, TaskIds(tasks))
+        else:
+            raise ValueError(
+                "UniMoEDataModule has no model to lay sequences out for: attach it to a unimoe training stage "
+                "(unimoe fit does), or give model= (a preset name or an AudioLMConfig) to use it on its own")
+        self.layout = layout
+        return layout
+
     # ------------------------------------------------------------------ setup
     def maker(self, train: bool) -> SequenceMaker:
-        return SequenceMaker(self.model_config, cond_drop_prob=self.cond_drop_prob, tasks=self.task_args, train=train,
-                             pad_to_multiple_of=self.pad_to_multiple_of, seed=self.seed)
+        layout = self.resolve_layout()
+        return SequenceMaker(layout.config, cond_drop_prob=self.cond_drop_prob, tasks=self.task_args, train=train,
+                             pad_to_multiple_of=self.pad_to_multiple_of, seed=self.seed, task_ids=layout.task_ids)
 
     def _load(self, which: str) -> _Split | None:
         split = self.splits[which]
@@ -151,13 +206,14 @@ class UniMoEDataModule(L.LightningDataModule):
             for name, dirs in self.sources.items():
                 datasets[name] = ShardDataset(dirs, split=split, expected_codec=self.expected_codec)
                 self._check_codec(datasets[name])
-            self._data[which] = _Split(datasets, self.maker(train=which == "train"), self.model_config.max_seq_len, self.max_tokens)
+            self._data[which] = _Split(datasets, self.maker(train=which == "train"), self.resolve_layout().config.max_seq_len,
+                                       self.max_tokens)
         return self._data[which]
 
     def _check_codec(self, ds: ShardDataset) -> None:
         info = ds.codec_info
         if self.codec_info is None:
-            cfg = self.model_config
+            cfg = self.resolve_layout().config
             if (info.get("num_codebooks"), info.get("cardinality")) != (cfg.num_codebooks, cfg.codebook_size):
                 raise CodecMismatchError(
                     f"{ds.directory}: shards have {info.get('num_codebooks')} codebooks of {info.get('cardinality')} codes, "
@@ -186,7 +242,7 @@ class UniMoEDataModule(L.LightningDataModule):
         local = [data.kept[n] for n in data.names]
         if self.mix == "seed":  # balanced by construction: every subset example equally often
             picked = seed_subset([len(x) for x in local], p, self.seed_size, seed=self.seed)
-            subset = np.concatenate([x[sel] + o for x, sel, o in zip(local, picked, data.offsets)])
+            subset = np.concatenate([x[sel].astype(np.int64) + o for x, sel, o in zip(local, picked, data.offsets)])
             sampler = SubsetSampler(subset, self.samples_per_epoch, seed=self.seed)
         else:
             n = self.samples_per_epoch or int(sum(len(x) for x in local))
@@ -197,7 +253,7 @@ class UniMoEDataModule(L.LightningDataModule):
                                        num_replicas=world, rank=rank)
 
     def _eval_batch_sampler(self, data: _Split) -> TokenBudgetBatchSampler:
-        kept = np.concatenate([data.kept[n] + o for n, o in zip(data.names, data.offsets)]) if data.names else []
+        kept = np.concatenate([data.kept[n].astype(np.int64) + o for n, o in zip(data.names, data.offsets)]) if data.names else np.zeros(0, np.int64)
         world, rank = self._world()
         return TokenBudgetBatchSampler(_Fixed(kept), data.all_lengths, self.max_tokens, num_buckets=self.num_buckets,
                                        max_batch_size=self.max_batch_size, shuffle=False, num_replicas=world, rank=rank)
@@ -248,22 +304,17 @@ class _Fixed:
     """A fixed index list as a sampler (evaluation order)."""
 
     def __init__(self, indices) -> None:
-        self.indices = [int(i) for i in indices]
+        self.indices = np.asarray(indices, dtype=np.int64)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def order(self) -> np.ndarray:
+        return self.indices
+
     def __iter__(self):
-        return iter(self.indices)
+        return iter(self.indices.tolist())
 
     def __len__(self) -> int:
         return len(self.indices)
-
-
-def _model_config(model: Union[str, AudioLMConfig, Dict[str, Any]]) -> AudioLMConfig:
-    if isinstance(model, str):
-        return AudioLMConfig.from_preset(model)
-    if isinstance(model, dict):
-        return AudioLMConfig(**model)
-    return model

@@ -19,12 +19,10 @@ from typing import Any, Iterable
 
 from unimoe.atomic import atomic_path
 from unimoe.jsonl import iter_json_lines, resolve_path
+from unimoe.model.tasks import field_of, task_class
+from unimoe.registry import TASKS, RegistryError
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-BUILTIN_TASKS: tuple[str, ...] = ("tts", "t2m", "v2m")
-TEXT_REQUIRED: frozenset[str] = frozenset({"tts", "t2m"})
-"""Tasks whose ``text`` (transcript or caption) must be non-empty; v2m may go without."""
-VIDEO_REQUIRED: frozenset[str] = frozenset({"v2m"})
 PATH_FIELDS: tuple[str, ...] = ("audio", "prompt_audio", "video")
 MAX_REPORTED_PROBLEMS = 50
 
@@ -83,19 +81,13 @@ class ManifestError(ValueError):
 
 
 def known_tasks() -> tuple[str, ...]:
-    """Built-in tasks plus any task builder registered (in-tree or by a plug-in)."""
-    names = set(BUILTIN_TASKS)
-    try:
-        import importlib
+    """Every registered task, in-tree or from a plug-in (names only: read from the package metadata)."""
+    return tuple(TASKS.names())
 
-        from unimoe.registry import TASKS
 
-        importlib.import_module("unimoe.model.tasks")  # registers the in-tree task builders
-
-        names.update(TASKS.names())
-    except Exception:  # a broken plug-in must not make manifests unreadable
-        pass
-    return tuple(sorted(names))
+def required_fields(task: str) -> list[str]:
+    """The manifest fields a line of ``task`` must fill, as the task declares (``TaskBuilder.required``)."""
+    return [field_of(name) for name in task_class(task).required]
 
 
 # ---------------------------------------------------------------------- parsing
@@ -139,12 +131,20 @@ def parse_entry(obj: Any, *, path: str, line: int, tasks: Iterable[str]) -> tupl
     tasks = tuple(tasks)
     if isinstance(task, str) and task and task not in tasks:
         bad("task", f"unknown task {task!r}{_suggest(task, tasks)}; known tasks: {', '.join(tasks)}")
-    if isinstance(task, str) and task in TEXT_REQUIRED:
-        text = obj.get("text")
-        if not (isinstance(text, str) and text.strip()):
-            bad("text", f"task {task!r} needs a non-empty text (transcript or caption)")
-    if isinstance(task, str) and task in VIDEO_REQUIRED and not obj.get("video"):
-        bad("video", f"task {task!r} needs a video path")
+    elif isinstance(task, str) and task:
+        try:
+            needed = required_fields(task)
+        except RegistryError as exc:  # a broken plug-in: this line cannot be checked, the others still are
+            bad("task", f"task {task!r} cannot be loaded: {exc}")
+            needed = []
+        for name in needed:
+            value = obj.get(name)
+            if not (isinstance(value, str) and value.strip()):
+                if name == "text":
+                    what = f"a non-empty text ({task_class(task).text_role})"
+                else:
+                    what = f"a {name} path" if name in PATH_FIELDS else f"a non-empty {name}"
+                bad(name, f"task {task!r} needs {what}")
 
     split = obj.get("split", "train")
     if isinstance(split, str) and split not in SPLITS:

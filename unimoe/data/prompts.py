@@ -14,6 +14,16 @@ import random
 from collections import defaultdict
 
 from unimoe.data.manifest import ManifestEntry
+from unimoe.model.tasks import task_class
+from unimoe.registry import RegistryError
+
+
+def takes_speaker_prompt(task: str) -> bool:
+    """Whether ``task``'s examples are paired with another utterance of their speaker (its declaration)."""
+    try:
+        return task_class(task).speaker_prompt
+    except RegistryError:  # unknown task: the manifest check reports it; no pairing here
+        return False
 
 
 def _speaker_rng(seed: int, speaker: str, split: str) -> random.Random:
@@ -29,18 +39,20 @@ def assign_prompts(
     max_seconds: float = 10.0,
     overwrite: bool = False,
 ) -> int:
-    """Give every ``tts`` entry with a speaker a prompt from the same speaker and split.
+    """Give every entry of a speaker-prompt task (``TaskBuilder.speaker_prompt``: tts) with a speaker a
+    prompt from the same speaker and split.
 
     Candidates whose duration is known and within ``[min_seconds, max_seconds]`` are
     preferred; if a speaker has none, any other utterance of theirs is used. Entries of a
     speaker with a single utterance get no prompt (tokenisation then skips them with the
     reason "missing prompt"). Returns how many entries are left without a prompt.
     """
+    cloned = {t for t in {e.task for e in entries} if takes_speaker_prompt(t)}
     groups: dict[tuple[str, str], list[ManifestEntry]] = defaultdict(list)
     for entry in entries:
-        if entry.task == "tts" and entry.speaker is not None:
+        if entry.task in cloned and entry.speaker is not None:
             groups[(entry.split, entry.speaker)].append(entry)
-    without = sum(1 for e in entries if e.task == "tts" and e.speaker is None and not e.prompt_audio)
+    without = sum(1 for e in entries if e.task in cloned and e.speaker is None and not e.prompt_audio)
     for (split, speaker), group in sorted(groups.items()):
         rng = _speaker_rng(seed, speaker, split)
         group = sorted(group, key=lambda e: e.id)

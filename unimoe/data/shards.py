@@ -10,10 +10,12 @@ A shard directory holds
   string), ``codes`` int16/int32 ``[C, T]``, ``prompt_codes`` ``[C, Tp]`` or None,
   ``video`` uint8 ``[F, 3, H, W]`` or None, ``video_fps``) and ``skipped`` (``id``, ``line``,
   ``reason``, ``detail`` of each example left out);
-* ``index.json`` - written last, only when every shard exists: codec, settings and a
+* ``index/`` - written last, only when every shard exists: codec, settings and a
   per-example table (id, task, split, speaker, shard, position, manifest line, duration,
-  frame counts, text, prompt text, video frames and size) so datasets and samplers know
-  sequence lengths without opening shards;
+  frame counts, text, prompt text, video frames and size) as memory-mapped columns, so
+  datasets and samplers know sequence lengths without opening shards
+  (:mod:`unimoe.data.index`; folders of older versions have ``index.json`` instead, which
+  is converted on first use);
 * ``tokenize.json`` - the settings of the run, checked when resuming;
 * ``skipped.jsonl`` - every example left out, with its manifest line and reason.
 
@@ -23,7 +25,6 @@ Shards are written under a dot-prefixed temporary name and renamed into place, s
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,6 @@ from unimoe.atomic import atomic_path, write_json_atomic
 
 SHARD_FORMAT = "unimoe-shard"
 SHARD_VERSION = 1
-INDEX_FILE = "index.json"
 SETTINGS_FILE = "tokenize.json"
 SKIPPED_FILE = "skipped.jsonl"
 
@@ -81,22 +81,6 @@ def codes_dtype(cardinality: int) -> torch.dtype:
 
 def write_json(path: Path, obj: Any) -> None:
     write_json_atomic(path, obj, indent=1, ensure_ascii=False)
-
-
-def read_index(directory: str | Path) -> dict[str, Any]:
-    """The ``index.json`` of a finished tokenisation, with a clear error if it is missing."""
-    directory = Path(directory)
-    path = directory / INDEX_FILE
-    if not path.is_file():
-        hint = " (tokenisation did not finish: re-run 'unimoe tokenize' with the same --out to resume)" if (directory / SETTINGS_FILE).exists() else ""
-        raise ShardError(f"{directory} has no {INDEX_FILE}; it is not a finished shard directory{hint}")
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ShardError(f"{path} is not valid JSON: {exc}") from exc
-    if index.get("format") != SHARD_FORMAT + "-index":
-        raise ShardError(f"{path} is not a shard index")
-    return index
 
 
 WEIGHTS_KEY = "weights_sha256"

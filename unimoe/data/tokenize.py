@@ -18,10 +18,11 @@ import json
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import shutil
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,9 +31,11 @@ import torch
 from unimoe.atomic import write_text_atomic
 from unimoe.audio import AudioFileError, load_audio
 from unimoe.data.manifest import ManifestEntry, ManifestError, check_manifest
+from unimoe.data.index import INDEX_DIR, LEGACY_INDEX_FILE, IndexWriter
+from unimoe.data.prompts import takes_speaker_prompt
 from unimoe.data.shards import (
-    INDEX_FILE, SETTINGS_FILE, SHARD_FORMAT, SHARD_VERSION, SKIPPED_FILE, ShardError, codes_dtype,
-    codec_record, load_shard, save_shard, shard_name, write_json,
+    SETTINGS_FILE, SHARD_FORMAT, SHARD_VERSION, SKIPPED_FILE, ShardError, codes_dtype, codec_record, load_shard,
+    save_shard, shard_name, write_json,
 )
 from unimoe.data.video import VideoFileError, load_video
 from unimoe.registry import ComponentSpec
@@ -50,8 +53,10 @@ class TokenizeConfig:
     max_seconds: float = 30.0
     silence_db: float = -55.0
     """Clips whose RMS level is below this (dBFS) count as silent."""
-    prompt_tasks: tuple[str, ...] = ("tts",)
-    """Tasks that need a speaker prompt; their entries without one are skipped."""
+    prompt_tasks: tuple[str, ...] | None = None
+    """Tasks that need a speaker prompt (their entries without one are skipped); None = the
+    tasks that declare one (``TaskBuilder.speaker_prompt``: tts). Resolved against the
+    manifest's tasks before the run (:func:`resolve_prompt_tasks`)."""
     prompt_max_seconds: float = 3.0
     """The prompt is cut to its first N seconds (voice cloning needs a short reference)."""
     prompt_min_seconds: float = 0.5
@@ -59,7 +64,7 @@ class TokenizeConfig:
     """Only these splits (None: all)."""
 
     def __post_init__(self) -> None:
-        self.prompt_tasks = tuple(self.prompt_tasks)
+        self.prompt_tasks = tuple(self.prompt_tasks) if self.prompt_tasks is not None else None
         self.splits = tuple(self.splits) if self.splits is not None else None
         if self.shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
@@ -129,7 +134,7 @@ def encode_entry(entry: ManifestEntry, codec, cfg: TokenizeConfig, prompt_cache:
         raise _Skip("silent", f"RMS {_rms_db(wav):.1f} dBFS < {cfg.silence_db} dBFS")
 
     prompt_codes = None
-    if entry.task in cfg.prompt_tasks:
+    if entry.task in (cfg.prompt_tasks or ()):
         if not entry.prompt_audio:
             raise _Skip("missing prompt", "no prompt_audio (speaker with a single utterance?)")
         cache = prompt_cache if prompt_cache is not None else {}
@@ -316,6 +321,7 @@ def tokenize_manifest(
         raise ManifestError(problems)
     if cfg.splits is not None:
         numbered = [(n, e) for n, e in numbered if e.split in cfg.splits]
+    cfg = resolve_prompt_tasks(cfg, {e.task for _, e in numbered}, out / SETTINGS_FILE)
     main_codec = build_codec(codec)
     codec_info = codec_record(main_codec)
     settings = {"config": asdict(cfg), "codec": codec_info}
@@ -324,9 +330,13 @@ def tokenize_manifest(
 
     with _DirLock(out):
         _check_settings(out, run_info, overwrite)
-        (out / INDEX_FILE).unlink(missing_ok=True)  # the folder is incomplete until the end
+        (out / LEGACY_INDEX_FILE).unlink(missing_ok=True)  # the folder is incomplete until the end
+        if (out / INDEX_DIR).exists():
+            shutil.rmtree(out / INDEX_DIR)
         for stale in out.glob(".shard-*.pt.tmp-*"):
             stale.unlink()  # half-written by a killed run; never read
+        for stale in [*out.glob(f".{INDEX_DIR}.tmp-*"), *out.glob(f".{INDEX_DIR}.old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)
         write_json(out / SETTINGS_FILE, run_info)
 
         jobs = []
@@ -352,16 +362,42 @@ def tokenize_manifest(
         ordered = [summaries[j.index] for j in jobs]
         skipped = [s for summary in ordered for s in summary["skipped"]]
         write_text_atomic(out / SKIPPED_FILE, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in skipped))
-        rows = [row for summary in ordered for row in summary["items"]]
-        columns = {key: [row[key] for row in rows] for key in (rows[0] if rows else {})}
-        write_json(out / INDEX_FILE, {
-            "format": SHARD_FORMAT + "-index", "version": SHARD_VERSION, "codec": codec_info, "config": asdict(cfg),
-            "manifest": str(manifest), "num_items": len(rows),
+        index = IndexWriter()
+        for summary in ordered:
+            for row in summary["items"]:
+                index.add(row)
+        index.write(out, {
+            "codec": codec_info, "config": asdict(cfg), "manifest": str(manifest),
             "shards": [{"file": shard_name(s["shard"]), "items": len(s["items"]), "skipped": len(s["skipped"])} for s in ordered],
-            "skipped": dict(Counter(s["reason"] for s in skipped)), "items": columns,
+            "skipped": dict(Counter(s["reason"] for s in skipped)),
         })
-    return TokenizeReport(out, len(jobs), len(pending), len(jobs) - len(pending), len(rows), skipped,
+    return TokenizeReport(out, len(jobs), len(pending), len(jobs) - len(pending), index.num_items, skipped,
                           time.perf_counter() - start, codec_info)
+
+
+def resolve_prompt_tasks(cfg: TokenizeConfig, tasks: set[str], settings_file: Path) -> TokenizeConfig:
+    """``cfg`` with ``prompt_tasks`` filled in for a manifest with ``tasks``.
+
+    None becomes the manifest's tasks that declare a speaker prompt. The choice only matters
+    for the tasks present, so when a folder was tokenised with a recorded ``prompt_tasks``
+    that decides the same for every one of them (and otherwise the same settings), that
+    record is kept: its shards stay valid and are reused (e.g. ``["tts"]`` for a music
+    manifest, the value folders tokenised before tasks declared their prompts recorded).
+    """
+    if cfg.prompt_tasks is not None:
+        return cfg
+    resolved = tuple(sorted(t for t in tasks if takes_speaker_prompt(t)))
+    try:
+        old = json.loads(settings_file.read_text(encoding="utf-8")).get("config") or {}
+    except (OSError, ValueError):
+        old = {}
+    recorded = old.get("prompt_tasks")
+    if isinstance(recorded, list) and {t for t in tasks if t in recorded} == set(resolved):
+        same_otherwise = {k: v for k, v in old.items() if k != "prompt_tasks"} == json.loads(json.dumps(
+            {k: v for k, v in asdict(cfg).items() if k != "prompt_tasks"}))
+        if same_otherwise:
+            return replace(cfg, prompt_tasks=tuple(recorded))
+    return replace(cfg, prompt_tasks=resolved)
 
 
 def _check_settings(out: Path, run_info: dict[str, Any], overwrite: bool) -> None:

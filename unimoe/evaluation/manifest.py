@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from unimoe.jsonl import iter_json_lines, resolve_path
+from unimoe.model.tasks import task_class
+from unimoe.registry import TASKS, RegistryError
 
 from .errors import ManifestError
 
-SPEECH_TASKS = frozenset({"tts", "speech", "asr_tts", "vc"})
-MUSIC_TASKS = frozenset({"t2m", "v2m", "music"})
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 _KNOWN = {"id", "audio", "task", "text", "caption", "prompt_audio", "reference_audio", "speaker", "language", "lang"}
 
@@ -72,14 +72,27 @@ class ManifestPairing:
 
 
 def task_family(task: str | None) -> str | None:
+    """The domain a registered task declares (``tts`` -> ``speech``), a domain name given as the
+    task itself (``"music"``), else None (an unknown task: every metric applies)."""
     if task is None:
         return None
+    if task in TASKS:
+        try:
+            return task_class(task).domain
+        except RegistryError:
+            return None
     t = task.lower()
-    if t in SPEECH_TASKS:
-        return "speech"
-    if t in MUSIC_TASKS:
-        return "music"
-    return None
+    return t if t in _declared_domains() else None
+
+
+def _declared_domains() -> set[str]:
+    domains = set()
+    for name in TASKS.names():
+        try:
+            domains.add(task_class(name).domain)
+        except RegistryError:
+            continue
+    return {d for d in domains if d}
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

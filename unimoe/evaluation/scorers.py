@@ -140,7 +140,6 @@ class _ErrorRate(Scorer):
             }
 
 
-@SCORERS.register("wer")
 class WER(_ErrorRate):
     """Word error rate of the ASR transcript of each clip against its ``text``."""
 
@@ -148,7 +147,6 @@ class WER(_ErrorRate):
     unit = "word"
 
 
-@SCORERS.register("cer")
 class CER(_ErrorRate):
     """Character error rate (spaces removed for zh/ja-like languages by the normaliser)."""
 
@@ -156,7 +154,6 @@ class CER(_ErrorRate):
     unit = "char"
 
 
-@SCORERS.register("sim")
 class SIM(Scorer):
     """Speaker similarity: cosine of the speaker embeddings of the generated clip and its
     speaker reference (``prompt_audio``, else ``reference_audio``)."""
@@ -195,7 +192,6 @@ class SIM(Scorer):
             result.details = {"aggregation": "mean cosine over items", "min": min(values), "max": max(values)}
 
 
-@SCORERS.register("mos")
 class MOS(Scorer):
     """Mean of a quality predictor's score (DNSMOS OVRL for the ``dnsmos`` backend)."""
 
@@ -220,7 +216,6 @@ class MOS(Scorer):
             result.details["primary"] = backend.primary
 
 
-@SCORERS.register("fad")
 class FAD(Scorer):
     """Frechet distance between Gaussians fitted to generated and reference embeddings.
 
@@ -278,7 +273,6 @@ class FAD(Scorer):
                           "embedding_dim": int(gen.shape[1]), "reference_source": source}
 
 
-@SCORERS.register("clap")
 class CLAPScore(Scorer):
     """CLAP score: cosine of the caption's text embedding and the clip's audio embedding."""
 
@@ -308,7 +302,6 @@ class CLAPScore(Scorer):
             result.details = {"aggregation": "mean cosine(text, audio) over items"}
 
 
-@SCORERS.register("kl")
 class KL(Scorer):
     """Mean over pairs of KL(p_reference || p_generated) of classifier class distributions
     (see :mod:`unimoe.evaluation.divergence` for the direction and epsilon)."""

@@ -26,8 +26,8 @@ from unimoe.generation.requests import GenerationRequest
 from unimoe.generation.sampling import CodebookSampling
 from unimoe.generation.settings import GenerationSettings, frames_for
 from unimoe.model.delay import segment_to_codes
-from unimoe.model.tasks import TASK_IDS, TaskBuilder, build_task_builder
-from unimoe.registry import ComponentSpec
+from unimoe.model.tasks import TaskBuilder, TaskIds, build_task_builder
+from unimoe.registry import TASKS, ComponentSpec
 
 log = logging.getLogger("unimoe.generation")
 
@@ -101,8 +101,10 @@ class Generator:
 
     ``builders`` maps a task name to a :class:`TaskBuilder` or its registry spec (a training
     stage's builders, so the unconditional CFG row matches its condition dropout); tasks not
-    named use the registered builder with default arguments. ``codec`` may be None when the
-    caller only wants codes (then give ``frame_rate`` for the duration limits).
+    named use the registered builder with default arguments. ``task_ids`` is the model's task
+    table (``CheckpointMetadata.task_table()``, a stage's ``task_ids``); a task it lacks gets
+    the next id; None = the legacy order. ``codec`` may be None when the caller only wants
+    codes (then give ``frame_rate`` for the duration limits).
     """
 
     def __init__(
@@ -114,8 +116,10 @@ class Generator:
         *,
         frame_rate: float | None = None,
         info: dict[str, Any] | None = None,
+        task_ids: TaskIds | None = None,
     ) -> None:
         self.model = model
+        self.task_ids = task_ids
         self.codec = codec
         self.settings = (settings or GenerationSettings()).validate()
         self.config = model.config
@@ -137,7 +141,9 @@ class Generator:
         """The task builder of ``task`` (built once)."""
         if task not in self._builders:
             spec = self._builder_specs.get(task, task)
-            self._builders[task] = spec if isinstance(spec, TaskBuilder) else build_task_builder(spec, self.config)
+            ids = None if self.task_ids is None else self.task_ids.extended([task])
+            self._builders[task] = spec if isinstance(spec, TaskBuilder) else build_task_builder(spec, self.config,
+                                                                                                  task_ids=ids)
         return self._builders[task]
 
     def prepare(self, requests: Sequence[GenerationRequest], *, skip_invalid: bool = False
@@ -158,9 +164,9 @@ class Generator:
         return prepared, skipped
 
     def _task_builder(self, request: GenerationRequest) -> TaskBuilder:
-        if request.task not in TASK_IDS and request.task not in self._builder_specs:
+        if request.task not in TASKS and request.task not in self._builder_specs:
             raise InputError(f"request {request.id!r} ({request.source}): field 'task': unknown task "
-                             f"{request.task!r}; known tasks: {', '.join(TASK_IDS)}")
+                             f"{request.task!r}; known tasks: {', '.join(TASKS.names())}")
         try:
             return self.builder(request.task)
         except (ValueError, KeyError) as exc:  # unknown task (RegistryError), v2m without a vision encoder
@@ -284,9 +290,10 @@ def generate(
     builders: Mapping[str, TaskBuilder | ComponentSpec] | None = None,
     *,
     frame_rate: float | None = None,
+    task_ids: TaskIds | None = None,
 ) -> list[GeneratedClip]:
     """One-call form of :class:`Generator` (for callbacks): clips in request order, no files written."""
-    return Generator(model, codec, settings, builders, frame_rate=frame_rate).generate(requests)
+    return Generator(model, codec, settings, builders, frame_rate=frame_rate, task_ids=task_ids).generate(requests)
 
 
 def check_codec(config, codec) -> None:

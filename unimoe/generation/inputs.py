@@ -14,18 +14,16 @@ from typing import Any
 import torch
 
 from unimoe.audio import AudioFileError, load_audio
-from unimoe.data.manifest import TEXT_REQUIRED
 from unimoe.data.video import VideoFileError, load_video
 from unimoe.generation.requests import GenerationRequest
-from unimoe.model.tasks import TASK_IDS, Sequence, TaskBuilder
+from unimoe.model.tasks import INPUT_FIELDS, Sequence, TaskBuilder
 
 log = logging.getLogger("unimoe.generation")
 
 VIDEO_SUFFIXES = (".npy", ".npz")
 
-# request field -> task-builder input it feeds
-_INPUT_OF = {"text": "text", "prompt_audio": "prompt", "prompt_codes": "prompt", "prompt_text": "prompt_text",
-             "video": "video", "video_frames": "video"}
+# request field -> task-builder input it feeds (the manifest's fields, plus the in-memory forms)
+_INPUT_OF = {**INPUT_FIELDS, "prompt_codes": "prompt", "video_frames": "video"}
 
 
 class InputError(ValueError):
@@ -61,8 +59,6 @@ def prepare_request(
 ) -> PreparedRequest:
     """Check a request against its task builder and load its audio prompt / video."""
     where = _where(request)
-    if request.task not in TASK_IDS:
-        raise InputError(f"{where}: field 'task': unknown task {request.task!r}; known: {', '.join(TASK_IDS)}")
     accepted = set(builder.conditions) | set(builder.extra_inputs)
     for name, target in _INPUT_OF.items():
         if getattr(request, name) is not None and target not in accepted:
@@ -72,11 +68,10 @@ def prepare_request(
     info: dict[str, Any] = {}
     if request.text is not None and request.text.strip():
         inputs["text"] = request.text
-    elif request.task in TEXT_REQUIRED and request.text is not None:
+    elif "text" in builder.required and request.text is not None:
         raise InputError(f"{where}: field 'text': is empty")
-    elif request.task in TEXT_REQUIRED:
-        raise InputError(f"{where}: field 'text': task {request.task!r} needs a non-empty "
-                         f"{'transcript' if request.task == 'tts' else 'caption'}")
+    elif "text" in builder.required:
+        raise InputError(f"{where}: field 'text': task {request.task!r} needs a non-empty {builder.text_role}")
     if request.prompt_text is not None:
         inputs["prompt_text"] = request.prompt_text
     if request.prompt_codes is not None:
@@ -88,7 +83,7 @@ def prepare_request(
         inputs["video"] = request.video_frames
     elif request.video is not None:
         inputs["video"] = _read_video(request)
-    if "video" in builder.conditions and "video" not in inputs:
+    if "video" in builder.required and "video" not in inputs:
         raise InputError(f"{where}: field 'video': task {request.task!r} needs video frames "
                          f"(.npy [F, H, W, 3] or .npz with 'frames')")
     if "video" in inputs:

@@ -54,7 +54,6 @@ def parse_codec_spec(text: str) -> ComponentSpec:
 
 def build_codec(spec: ComponentSpec, source: str):
     """Build the codec of ``spec`` (every in-tree codec registered first); errors say where the spec came from."""
-    import unimoe.components  # noqa: F401  registers the in-tree codecs
     from unimoe.registry import CODECS
 
     try:
@@ -93,7 +92,7 @@ def load_generator(
         "device": str(dev),
         "dtype": str(dt).replace("torch.", ""),
     }
-    return Generator(model, codec_model, settings, builders=meta.tasks, info=info)
+    return Generator(model, codec_model, settings, builders=meta.tasks, info=info, task_ids=meta.task_table())
 
 
 class CheckpointGenerator:

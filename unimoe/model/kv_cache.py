@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from unimoe.model.rope import rope_table
+from unimoe.model.layers import rope_table
 
 
 class KVCache:
@@ -100,7 +100,7 @@ class StaticKVCache(nn.Module):
     """Fixed-shape cache for compiled decoding (see the module doc).
 
     ``cos`` / ``sin`` are the rotary table of every slot (the values
-    :func:`~unimoe.model.rope.rope_cos_sin` gives). The caller sizes ``max_len`` for prompt +
+    :func:`~unimoe.model.layers.rope_cos_sin` gives, ``rope_scaling`` included). The caller sizes ``max_len`` for prompt +
     every decoded step: a write past it is an index error, not a silent wrap.
     """
 
@@ -113,6 +113,7 @@ class StaticKVCache(nn.Module):
         max_len: int,
         *,
         rope_theta: float,
+        rope_scaling: dict | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
@@ -126,7 +127,7 @@ class StaticKVCache(nn.Module):
         self.register_buffer("lengths", torch.zeros(batch_size, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("rows", torch.arange(batch_size, device=device).unsqueeze(1), persistent=False)
         self.register_buffer("slots", torch.arange(max_len, device=device), persistent=False)
-        cos, sin = rope_table(max_len, head_dim, rope_theta, dtype=dtype, device=device)
+        cos, sin = rope_table(max_len, head_dim, rope_theta, dtype=dtype, device=device, scaling=rope_scaling)
         self.register_buffer("cos", cos, persistent=False)  # [max_len, hd]
         self.register_buffer("sin", sin, persistent=False)
         self.max_len = max_len

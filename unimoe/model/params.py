@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Iterator
 from torch import nn
 
 from unimoe.moe.layer import MoELayer
+from unimoe.moe.routers import max_experts_for
 
 if TYPE_CHECKING:
-    from unimoe.model.config import AudioLMConfig
     from unimoe.model.transformer import AudioLM
 
 
@@ -43,14 +43,6 @@ def params_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def meta_model(config: "AudioLMConfig") -> "AudioLM":
-    """The model of ``config`` with meta parameters: for counting and shape inspection only."""
-    from unimoe.model.transformer import AudioLM
-
-    with params_on_meta():
-        return AudioLM(config)
-
-
 def _numel(module: nn.Module | None) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 
@@ -70,8 +62,6 @@ def active_experts_range(layer: MoELayer) -> tuple[int, int]:
     Top-p over ``E`` dynamic experts selects 1..ceil(p E) of them; top-k exactly k. Null
     experts among the selection lower the count of real ones (down to 0).
     """
-    from unimoe.moe.routers import max_experts_for
-
     num_dynamic, num_real = layer.num_experts, layer.num_real_experts
     num_null = num_dynamic - num_real
     if hasattr(layer.router, "max_selected"):  # top-p, with or without an expert budget

@@ -1,10 +1,15 @@
-"""Task sequences: how one example becomes the token stream the model trains on.
+"""Tasks: what an example of each task needs, and how it becomes the token stream the model trains on.
 
-A task builder (registered in ``TASKS``) turns plain inputs (text or token ids, codec codes
+A task is one registered :class:`TaskBuilder` subclass (entry points in ``unimoe.tasks``). Its
+class attributes declare what the task needs (``required`` inputs, ``speaker_prompt``,
+``domain``, ``text_role``...): manifests, tokenisation, generation requests, validation
+summaries, evaluation and upcycling ask :func:`task_class` instead of keeping task names.
+An instance, built for a model config, turns plain inputs (text or token ids, codec codes
 ``[C, T]`` of the target and of an optional speaker prompt, optional video frames) into an
-unpadded :class:`Sequence`; :func:`collate` right-pads a list of them into a :class:`Batch`.
-Generation uses the same builders for its prompts (:meth:`TaskBuilder.prefix`), so training
-and inference see identical layouts, including the unconditional (CFG) form.
+unpadded :class:`~unimoe.model.batch.Sequence`; :func:`~unimoe.model.batch.collate` right-pads
+a list of them into a ``Batch``. Generation uses the same builders for its prompts
+(:meth:`TaskBuilder.prefix`), so training and inference see identical layouts, including the
+unconditional (CFG) form. :class:`TaskIds` numbers a model's tasks; it is stored in checkpoints.
 
 Layouts (``[...]`` = one block of positions; audio blocks are delayed segments, see
 :mod:`unimoe.model.delay`)::
@@ -21,215 +26,86 @@ only the task instruction: exactly the ``prefix(cond=False)`` row generation use
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import IntEnum
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Iterator, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from unimoe.model.batch import (  # noqa: F401  (Batch, collate, IGNORE_INDEX are re-exported for callers)
+    IGNORE_INDEX, Batch, Modality, Sequence, SequenceTooLong, collate,
+)
 from unimoe.model.delay import CodecSpecials, delayed_segment
-from unimoe.registry import TASKS, ComponentSpec
+from unimoe.model.text_tokenizer import TextTokenizer, build_text_tokenizer
+from unimoe.model.vision import build_vision_encoder
+from unimoe.registry import TASKS, ComponentSpec, RegistryError
 
 if TYPE_CHECKING:
     from unimoe.model.config import AudioLMConfig
-    from unimoe.model.text_tokenizer import TextTokenizer
 
-IGNORE_INDEX = -100
-"""Label value the loss ignores."""
-
-
-class Modality(IntEnum):
-    """What sits at a position."""
-
-    PAD = 0
-    TEXT = 1
-    AUDIO = 2
-    VISION = 3
+# ---------------------------------------------------------------------- task ids
+LEGACY_TASK_ORDER: tuple[str, ...] = ("tts", "t2m", "v2m")
+"""The order unimoe numbered tasks in before checkpoints stored their ids (then the other
+registered tasks by name). Only :meth:`TaskIds.legacy` uses it: the fallback for such checkpoints."""
 
 
-BUILTIN_TASKS: tuple[str, ...] = ("tts", "t2m", "v2m")
+class TaskIds(Mapping):
+    """Task name -> id, in a fixed order that belongs to a model.
 
+    Per-task losses and per-task routing tables are indexed by these ids, so they are
+    assigned once and then carried: a stage starts from its ``init_from`` checkpoint's
+    table (``CheckpointMetadata.task_ids``), appends the tasks its data brings that the
+    table lacks (in name order) and stores the result in every checkpoint it writes.
+    Installing a plug-in never renumbers anything, because nothing is derived from the
+    registry at run time.
+    """
 
-class _TaskIds(Mapping):
-    """Stable task name -> id: ``tts=0, t2m=1, v2m=2``, then plug-in tasks in name order."""
+    def __init__(self, names: Iterable[str] = ()) -> None:
+        names = list(names)
+        bad = [n for n in names if not isinstance(n, str) or not n]
+        if bad or len(set(names)) != len(names):
+            raise ValueError(f"task ids need distinct non-empty task names, got {names}")
+        self._names = names
+        self._index = {n: i for i, n in enumerate(names)}
 
-    def _names(self) -> list[str]:
-        extra = sorted(n for n in TASKS.names() if n not in BUILTIN_TASKS)
-        return [*BUILTIN_TASKS, *extra]
+    @classmethod
+    def legacy(cls) -> "TaskIds":
+        """The ids a checkpoint written before ids were stored was trained with (``tts=0, t2m=1, v2m=2``, others by name)."""
+        return cls([*LEGACY_TASK_ORDER, *sorted(n for n in TASKS.names() if n not in LEGACY_TASK_ORDER)])
+
+    def extended(self, names: Iterable[str]) -> "TaskIds":
+        """This table with the tasks of ``names`` it lacks appended (in name order); existing ids never move."""
+        new = sorted(set(names) - set(self._names))
+        return self if not new else TaskIds([*self._names, *new])
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._names)
 
     def __getitem__(self, name: str) -> int:
-        names = self._names()
-        if name not in names:
-            raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(names)}")
-        return names.index(name)
+        if name not in self._index:
+            raise KeyError(f"task {name!r} has no id in this model's task table {self._names}")
+        return self._index[name]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._names())
+        return iter(self._names)
 
     def __len__(self) -> int:
-        return len(self._names())
+        return len(self._names)
 
     def name(self, task_id: int) -> str:
-        names = self._names()
-        if not 0 <= task_id < len(names):
-            raise KeyError(f"unknown task id {task_id}; known: {dict(zip(names, range(len(names))))}")
-        return names[task_id]
+        if not 0 <= task_id < len(self._names):
+            raise KeyError(f"unknown task id {task_id}; this model's tasks: {dict(self._index)}")
+        return self._names[task_id]
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TaskIds) and other._names == self._names
 
-TASK_IDS = _TaskIds()
-
-
-class SequenceTooLong(ValueError):
-    """A built sequence is longer than ``AudioLMConfig.max_seq_len`` (the data pipeline may skip it)."""
-
-
-# ---------------------------------------------------------------------- Sequence / Batch
-@dataclass
-class Sequence:
-    """One unpadded example, position by position (length ``L``).
-
-    ``text_ids [L]`` holds token ids at TEXT positions (0 elsewhere); ``audio_codes [C, L]``
-    holds delayed codec tokens at AUDIO positions (0 elsewhere); ``modality [L]`` says which
-    (:class:`Modality`); ``target_mask [C, L]`` is True where the token at that position is a
-    training target (predicted from the previous position). ``video [F, 3, H, W]`` feeds the
-    VISION positions. ``target_start`` is the index of the target's audio BOS frame:
-    ``seq[: target_start + 1]`` is the conditioning prefix generation starts from.
-    """
-
-    text_ids: Tensor
-    audio_codes: Tensor
-    modality: Tensor
-    target_mask: Tensor
-    task_id: int
-    target_start: int
-    video: Tensor | None = None
-
-    def __post_init__(self) -> None:
-        L = self.modality.shape[0]
-        if self.modality.dim() != 1 or self.text_ids.shape != (L,):
-            raise ValueError(f"Sequence.text_ids must be [L={L}], got {tuple(self.text_ids.shape)}")
-        if self.audio_codes.dim() != 2 or self.audio_codes.shape[1] != L:
-            raise ValueError(f"Sequence.audio_codes must be [C, L={L}], got {tuple(self.audio_codes.shape)}")
-        if self.target_mask.shape != self.audio_codes.shape or self.target_mask.dtype != torch.bool:
-            raise ValueError(f"Sequence.target_mask must be bool {tuple(self.audio_codes.shape)}, got "
-                             f"{self.target_mask.dtype} {tuple(self.target_mask.shape)}")
-        if not 0 <= self.target_start < L or self.modality[self.target_start] != Modality.AUDIO:
-            raise ValueError(f"Sequence.target_start={self.target_start} must index an AUDIO position")
-        if bool((self.modality == Modality.PAD).any()):
-            raise ValueError("Sequence.modality has PAD positions; a Sequence is unpadded (collate pads)")
-        if bool((self.target_mask & (self.modality != Modality.AUDIO)).any()):
-            raise ValueError("Sequence.target_mask marks non-audio positions")
-        has_vision = bool((self.modality == Modality.VISION).any())
-        if has_vision != (self.video is not None):
-            raise ValueError("Sequence.video must be given exactly when there are VISION positions")
-
-    def __len__(self) -> int:
-        return self.modality.shape[0]
-
-    @property
-    def num_codebooks(self) -> int:
-        return self.audio_codes.shape[0]
-
-    def prefix(self) -> "Sequence":
-        """The conditioning prefix: everything up to and including the target BOS frame."""
-        n = self.target_start + 1
-        return Sequence(self.text_ids[:n], self.audio_codes[:, :n], self.modality[:n],
-                        torch.zeros_like(self.target_mask[:, :n]), self.task_id, self.target_start, self.video)
-
-    def labels(self) -> Tensor:
-        """``[C, L]`` next-frame labels: ``labels[:, t]`` = target token at ``t + 1`` or -100."""
-        lab = torch.full_like(self.audio_codes, IGNORE_INDEX)
-        lab[:, :-1] = torch.where(self.target_mask[:, 1:], self.audio_codes[:, 1:], IGNORE_INDEX)
-        return lab
-
-
-@dataclass
-class Batch:
-    """Right-padded sequences. Padding: modality PAD, attention_mask False, 0 in ids, -100 in labels.
-
-    ``labels[b, :, t]`` is what the model's output at position ``t`` must predict (already
-    shifted). ``task_ids`` repeats each row's task id at every position (padding included;
-    ``attention_mask`` excludes it). ``video [N, F, 3, H, W]`` stacks the videos of the rows
-    that have VISION positions, in row order.
-    """
-
-    text_ids: Tensor  # [B, L] long
-    audio_codes: Tensor  # [B, C, L] long
-    modality: Tensor  # [B, L] long
-    attention_mask: Tensor  # [B, L] bool
-    position_ids: Tensor  # [B, L] long
-    labels: Tensor | None  # [B, C, L] long
-    task_ids: Tensor  # [B, L] long
-    lengths: Tensor  # [B] long
-    video: Tensor | None = None  # [N, F, 3, H, W] float
-
-    @property
-    def batch_size(self) -> int:
-        return self.modality.shape[0]
-
-    @property
-    def seq_len(self) -> int:
-        return self.modality.shape[1]
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for name, value in moved.items():
-            if isinstance(value, Tensor):
-                moved[name] = value.to(device, non_blocking=non_blocking)
-        return Batch(**moved)
-
-    def pin_memory(self) -> "Batch":
-        return Batch(**{f.name: (v.pin_memory() if isinstance(v := getattr(self, f.name), Tensor) else v)
-                        for f in dataclasses.fields(self)})
-
-
-def collate(sequences: list[Sequence], pad_to_multiple_of: int = 1, with_labels: bool = True) -> Batch:
-    """Right-pad sequences into a :class:`Batch` (length rounded up to ``pad_to_multiple_of``).
-
-    ``with_labels=False`` leaves ``labels`` None (generation prompts: no loss to compute).
-    """
-    if not sequences:
-        raise ValueError("collate got an empty list of sequences")
-    C = sequences[0].num_codebooks
-    for i, s in enumerate(sequences):
-        if s.num_codebooks != C:
-            raise ValueError(f"collate: sequence {i} has {s.num_codebooks} codebooks, sequence 0 has {C}")
-    B = len(sequences)
-    L = max(len(s) for s in sequences)
-    L = pad_to_multiple_of * math.ceil(L / pad_to_multiple_of)
-    text_ids = torch.zeros(B, L, dtype=torch.long)
-    audio_codes = torch.zeros(B, C, L, dtype=torch.long)
-    modality = torch.full((B, L), int(Modality.PAD), dtype=torch.long)
-    labels = torch.full((B, C, L), IGNORE_INDEX, dtype=torch.long)
-    task_ids = torch.empty(B, L, dtype=torch.long)
-    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
-    videos = []
-    for b, s in enumerate(sequences):
-        n = len(s)
-        text_ids[b, :n] = s.text_ids
-        audio_codes[b, :, :n] = s.audio_codes
-        modality[b, :n] = s.modality
-        labels[b, :, :n] = s.labels()
-        task_ids[b] = s.task_id
-        if s.video is not None:
-            videos.append(s.video)
-    video = None
-    if videos:
-        shapes = {tuple(v.shape) for v in videos}
-        if len(shapes) > 1:
-            raise ValueError(f"collate: videos in one batch must share a shape, got {sorted(shapes)}; "
-                             f"resample them to the vision encoder's input size (the v2m builder does)")
-        video = torch.stack(videos)
-    attention_mask = modality != Modality.PAD
-    position_ids = torch.arange(L).expand(B, L).clone()
-    return Batch(text_ids, audio_codes, modality, attention_mask, position_ids, labels if with_labels else None,
-                 task_ids, lengths, video)
+    def __repr__(self) -> str:
+        return f"TaskIds({self._names})"
 
 
 # ---------------------------------------------------------------------- builders
@@ -248,19 +124,36 @@ TextInput = Union[str, list, Tensor]
 
 
 class TaskBuilder:
-    """Base of task builders; subclasses say which conditions exist and how they are laid out.
+    """A task: what its examples need (class-level declarations) and how they become sequences.
+
+    The registered class IS the task. Its declarations are what the rest of unimoe asks
+    (manifest validation, tokenisation, speaker-prompt pairing, generation requests, the
+    validation summaries, evaluation, upcycling) instead of keeping lists of task names;
+    :func:`task_class` returns them for a name without building anything. An instance
+    (built with a model config) lays examples out (:meth:`build`, :meth:`prefix`).
 
     ``config`` gives codebooks, delays, vocabularies and the vision encoder; ``tokenizer``
     defaults to ``config.text_tokenizer``. ``cond_drop_prob`` is the CFG condition dropout of
     :meth:`build`; ``uncond_keep`` names conditions the unconditional form keeps (e.g.
-    ``["prompt"]`` to guide TTS on text only); ``instruction`` replaces the task's text prefix.
+    ``["prompt"]`` to guide TTS on text only); ``instruction`` replaces the task's text prefix;
+    ``task_ids`` is the model's task table (:class:`TaskIds`; default: the legacy order, for
+    standalone use) that gives this task's id.
     """
 
     task: ClassVar[str]
+    domain: ClassVar[str | None] = None
+    """``"speech"`` / ``"music"`` (or a plug-in's own): groups validation losses and picks evaluation metrics."""
     conditions: ClassVar[tuple[str, ...]]
     """Inputs that condition generation (dropped for the unconditional form)."""
     extra_inputs: ClassVar[tuple[str, ...]] = ()
     """Further accepted inputs that travel with a condition (tts: ``prompt_text``)."""
+    required: ClassVar[tuple[str, ...]] = ()
+    """Inputs every example and every request must have, non-empty (tts and t2m: ``text``; v2m: ``video``)."""
+    speaker_prompt: ClassVar[bool] = False
+    """Training examples carry another utterance of their speaker as ``prompt``: import pairs them
+    (:mod:`unimoe.data.prompts`) and tokenisation skips an example without one."""
+    text_role: ClassVar[str] = "text"
+    """What ``text`` is for this task, for messages (``"transcript"``, ``"caption"``)."""
     default_instruction: ClassVar[str]
 
     def __init__(
@@ -270,9 +163,8 @@ class TaskBuilder:
         cond_drop_prob: float = 0.0,
         uncond_keep: list[str] | tuple[str, ...] = (),
         instruction: str | None = None,
+        task_ids: TaskIds | None = None,
     ) -> None:
-        from unimoe.model.text_tokenizer import build_text_tokenizer
-
         self.config = config
         self.tokenizer = build_text_tokenizer(tokenizer if tokenizer is not None else config.text_tokenizer)
         vocab = config.resolved_text_vocab_size()
@@ -289,7 +181,19 @@ class TaskBuilder:
         self.uncond_keep = tuple(uncond_keep)
         self.instruction = self.default_instruction if instruction is None else instruction
         self.specials = CodecSpecials(config.codebook_size)
-        self.task_id = TASK_IDS[self.task]
+        self.task_id = (task_ids if task_ids is not None else TaskIds.legacy())[self.task]
+
+    # ------------------------------------------------------------------ declarations
+    @classmethod
+    def accepts(cls, name: str) -> bool:
+        """Does this task take the builder input ``name`` (``text``, ``prompt``, ``prompt_text``, ``video``)?"""
+        return name in cls.conditions or name in cls.extra_inputs
+
+    @classmethod
+    def describe_input(cls, name: str) -> str:
+        """Human words for an input in messages: ``'text' (the transcript)``."""
+        return {"text": f"'text' (the {cls.text_role})", "prompt": "'prompt' (speaker prompt codes)",
+                "video": "'video' (frames [F, 3, H, W])"}.get(name, repr(name))
 
     # ------------------------------------------------------------------ public API
     def build(self, target: Tensor, *, drop_condition: bool | None = None, rng: random.Random | None = None,
@@ -334,6 +238,12 @@ class TaskBuilder:
         if unknown:
             raise TypeError(f"{self.task}: unexpected input(s) {unknown}; accepted: {sorted(accepted)}")
         conditions = {k: v for k, v in conditions.items() if v is not None}
+        for name in self.required:
+            if name not in conditions:
+                raise ValueError(f"{self.task}: {self.describe_input(name)} is required")
+            if isinstance(conditions[name], str) and not conditions[name].strip() or (
+                    isinstance(conditions[name], (list, Tensor)) and len(conditions[name]) == 0):
+                raise ValueError(f"{self.task}: {self.describe_input(name)} is empty")
         keep = set(self.conditions) if cond else set(self.uncond_keep)
         return self.layout(conditions, keep)
 
@@ -413,7 +323,6 @@ class TaskBuilder:
         return seq
 
 
-@TASKS.register("tts")
 class TTSBuilder(TaskBuilder):
     """Voice cloning / TTS: transcript (+ the prompt's transcript) and a speaker prompt -> speech.
 
@@ -421,16 +330,16 @@ class TTSBuilder(TaskBuilder):
     """
 
     task = "tts"
+    domain = "speech"
     conditions = ("text", "prompt")
     extra_inputs = ("prompt_text",)
+    required = ("text",)
+    speaker_prompt = True
+    text_role = "transcript"
     default_instruction = "text to speech: "
 
     def layout(self, conditions: dict[str, Any], keep: set[str]) -> list[Part]:
-        if "text" not in conditions:
-            raise ValueError("tts: 'text' (the transcript) is required")
         text = self.text_ids(conditions["text"], "text")
-        if not text:
-            raise ValueError("tts: 'text' is empty")
         prompt = self.codes(conditions["prompt"], "prompt") if "prompt" in conditions else None
         if "text" in keep:
             spoken = self.text_ids(conditions["prompt_text"], "prompt_text") if "prompt_text" in conditions else []
@@ -443,24 +352,21 @@ class TTSBuilder(TaskBuilder):
         return parts
 
 
-@TASKS.register("t2m")
 class T2MBuilder(TaskBuilder):
     """Text-to-music: ``text`` (the caption) -> music."""
 
     task = "t2m"
+    domain = "music"
     conditions = ("text",)
+    required = ("text",)
+    text_role = "caption"
     default_instruction = "text to music: "
 
     def layout(self, conditions: dict[str, Any], keep: set[str]) -> list[Part]:
-        if "text" not in conditions:
-            raise ValueError("t2m: 'text' (the caption) is required")
         caption = self.text_ids(conditions["text"], "text")
-        if not caption:
-            raise ValueError("t2m: 'text' is empty")
         return [self.text_block(caption if "text" in keep else [])]
 
 
-@TASKS.register("v2m")
 class V2MBuilder(TaskBuilder):
     """Video(+text)-to-music: ``video`` frames ``[F, 3, H, W]`` (float 0-1 or uint8) and an optional caption.
 
@@ -469,15 +375,16 @@ class V2MBuilder(TaskBuilder):
     """
 
     task = "v2m"
+    domain = "music"
     conditions = ("video", "text")
+    required = ("video",)
+    text_role = "caption"
     default_instruction = "video to music: "
 
     def __init__(self, config: "AudioLMConfig", *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
         if config.vision is None:
             raise ValueError("v2m needs a vision encoder: set AudioLMConfig.vision (e.g. 'vit')")
-        from unimoe.model.vision import build_vision_encoder
-
         with torch.device("meta"):  # shapes only: the token count needs no weights
             self.encoder = build_vision_encoder(config.vision, hidden_size=config.hidden_size)
 
@@ -497,8 +404,6 @@ class V2MBuilder(TaskBuilder):
         return video.clamp(0.0, 1.0)
 
     def layout(self, conditions: dict[str, Any], keep: set[str]) -> list[Part]:
-        if "video" not in conditions:
-            raise ValueError("v2m: 'video' frames are required")
         video = self.frames(conditions["video"])
         caption = self.text_ids(conditions["text"], "text") if "text" in conditions else []
         parts = []
@@ -508,9 +413,33 @@ class V2MBuilder(TaskBuilder):
         return parts
 
 
-def build_task_builder(spec: ComponentSpec, config: "AudioLMConfig", tokenizer: Any = None) -> TaskBuilder:
-    """``build_task_builder("tts", cfg)`` or ``({"name": "tts", "cond_drop_prob": 0.1}, cfg)``."""
+def task_class(name: str) -> type[TaskBuilder]:
+    """The registered task ``name``: its declarations (``required``, ``domain``...), nothing built.
+
+    Unknown names raise :class:`~unimoe.registry.RegistryError` listing the known tasks.
+    """
+    cls = TASKS.get(name)
+    if not (isinstance(cls, type) and issubclass(cls, TaskBuilder)):
+        raise RegistryError(f"task {name!r} resolves to {cls!r}, which is not a TaskBuilder subclass; "
+                            f"tasks subclass unimoe.model.tasks.TaskBuilder and declare what they need")
+    return cls
+
+
+INPUT_FIELDS: dict[str, str] = {"text": "text", "prompt_audio": "prompt", "prompt_text": "prompt_text", "video": "video"}
+"""Manifest / request field -> the builder input it feeds (``prompt_audio`` is encoded into ``prompt``)."""
+
+
+def field_of(builder_input: str) -> str:
+    """The manifest / request field that carries a builder input (``prompt`` -> ``prompt_audio``)."""
+    return next((f for f, i in INPUT_FIELDS.items() if i == builder_input), builder_input)
+
+
+def build_task_builder(spec: ComponentSpec, config: "AudioLMConfig", tokenizer: Any = None,
+                       task_ids: TaskIds | None = None) -> TaskBuilder:
+    """``build_task_builder("tts", cfg)`` or ``({"name": "tts", "cond_drop_prob": 0.1}, cfg, task_ids=ids)``."""
     context: dict[str, Any] = {"config": config}
     if tokenizer is not None:
         context["tokenizer"] = tokenizer
+    if task_ids is not None:
+        context["task_ids"] = task_ids
     return TASKS.build(spec, **context)

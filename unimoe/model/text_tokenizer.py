@@ -33,7 +33,6 @@ class TextTokenizer(ABC):
         """Inverse of :meth:`encode` (special ids are skipped)."""
 
 
-@TEXT_TOKENIZERS.register("bytes")
 class ByteTokenizer(TextTokenizer):
     """UTF-8 bytes as ids 0..255, then ``pad = 256``, ``bos = 257``, ``eos = 258``.
 
@@ -54,15 +53,17 @@ class ByteTokenizer(TextTokenizer):
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
 
-@TEXT_TOKENIZERS.register("hf")
 class HFTokenizer(TextTokenizer):
     """A local Hugging Face tokenizer (nothing is downloaded).
 
     ``path`` is a ``tokenizer.json`` file or a folder holding one (read with the
     ``tokenizers`` library), or a folder ``transformers.AutoTokenizer`` can read with
-    ``local_files_only=True``. ``bos_token``/``eos_token``/``pad_token`` name special tokens
-    of that vocabulary (for Qwen2.5: ``eos_token="<|endoftext|>"``); unset ones fall back to
-    the tokenizer's own, and a missing pad falls back to eos.
+    ``local_files_only=True``, or a Hugging Face Hub id (``Qwen/Qwen2.5-3B``: the local Hub
+    cache, else the Hub, when ``huggingface_hub`` is installed and online).
+    ``bos_token``/``eos_token``/``pad_token`` name special tokens of that vocabulary (for
+    Qwen2.5: ``eos_token="<|endoftext|>"``); unset ones fall back to the tokenizer's own (for
+    a ``tokenizer.json``, those of the ``tokenizer_config.json`` beside it), and a missing pad
+    falls back to eos.
     """
 
     def __init__(
@@ -74,7 +75,11 @@ class HFTokenizer(TextTokenizer):
     ) -> None:
         self.path = Path(path).expanduser()
         if not self.path.exists():
-            raise FileNotFoundError(f"hf tokenizer: path {str(self.path)!r} does not exist")
+            from unimoe.pretrained.hub import looks_like_hub_id, resolve_pretrained
+
+            if not looks_like_hub_id(str(path)):
+                raise FileNotFoundError(f"hf tokenizer: path {str(self.path)!r} does not exist")
+            self.path = resolve_pretrained(str(path))
         json_file = self.path if self.path.is_file() else self.path / "tokenizer.json"
         if json_file.is_file():
             self._init_tokenizers(json_file)
@@ -98,6 +103,7 @@ class HFTokenizer(TextTokenizer):
             ) from exc
         self._tok = Tokenizer.from_file(str(json_file))
         self._backend = "tokenizers"
+        self._specials = _specials_of(json_file.parent / "tokenizer_config.json")
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
     def _init_transformers(self) -> None:
@@ -115,7 +121,7 @@ class HFTokenizer(TextTokenizer):
     def _default(self, which: str) -> str | None:
         if self._backend == "transformers":
             return getattr(self._tok, f"{which}_token", None)
-        return None
+        return self._specials.get(f"{which}_token")
 
     def _token_id(self, token: str | None, field: str, default: str | None) -> int | None:
         name = token if token is not None else default
@@ -134,6 +140,25 @@ class HFTokenizer(TextTokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def _specials_of(config: Path) -> dict[str, str]:
+    """``bos_token`` / ``eos_token`` / ``pad_token`` of a ``tokenizer_config.json`` (strings or AddedToken dicts)."""
+    if not config.is_file():
+        return {}
+    import json
+
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"hf tokenizer: cannot read {config}: not valid JSON ({exc})") from exc
+    out = {}
+    for key in ("bos_token", "eos_token", "pad_token"):
+        token = data.get(key) if isinstance(data, dict) else None
+        token = token.get("content") if isinstance(token, dict) else token
+        if isinstance(token, str) and token:
+            out[key] = token
+    return out
 
 
 def build_text_tokenizer(spec: ComponentSpec | TextTokenizer) -> TextTokenizer:

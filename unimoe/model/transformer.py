@@ -1,10 +1,11 @@
 """The audio language model: a decoder-only transformer over text, codec frames and video.
 
-Reading order: :class:`RMSNorm`, rotary helpers, :class:`Attention`, :class:`Block`,
-:class:`AudioLM`. One position of the sequence is a text token, a delayed codec frame (the
-sum of its ``C`` codebook embeddings) or a visual soft token; one linear head predicts all
-``C`` codebooks of the next frame at once (``hidden -> C x V``). The FFN of a block is a
-dense SwiGLU (specialists) or the Dynamic-Capacity MoE layer; both return
+Reading order: :class:`Attention`, :class:`Block`, :class:`AudioLM` (RMSNorm and the
+rotary helpers are in :mod:`unimoe.model.layers`, the decoding caches in
+:mod:`unimoe.model.kv_cache`). One position of the sequence is a text token, a delayed codec
+frame (the sum of its ``C`` codebook embeddings) or a visual soft token; one linear head
+predicts all ``C`` codebooks of the next frame at once (``hidden -> C x V``). The FFN of a
+block is a dense SwiGLU (specialists) or the Dynamic-Capacity MoE layer; both return
 ``(y, routing_info_or_None)``, so the block does not care which.
 
 Incremental decoding writes keys/values into a preallocated cache with a length per row
@@ -23,30 +24,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from unimoe.model.batch import IGNORE_INDEX, Batch, Modality
 from unimoe.model.config import AudioLMConfig
 from unimoe.model.delay import CodecSpecials
 from unimoe.model.kv_cache import KVCache, StaticKVCache
-from unimoe.model.rope import apply_rope, rope_cos_sin, rotate_half  # noqa: F401  (re-exported)
-from unimoe.model.tasks import IGNORE_INDEX, Batch, Modality
+from unimoe.model.layers import RMSNorm, apply_rope, rope_cos_sin, rotate_half  # noqa: F401  (re-exported)
+from unimoe.model.params import count_parameters, params_on_meta
+from unimoe.model.vision import build_vision_encoder
 from unimoe.moe.ffn import SwiGLU
 from unimoe.moe.layer import build_moe_layer
 from unimoe.moe.stats import ExpertCounts, LayerMeans, RoutingInfo, StatsMode, mean_over_layers
 
 DecodeCache = KVCache | StaticKVCache
-
-
-class RMSNorm(nn.Module):
-    """``x / rms(x) * weight``, computed in float32 so bf16 activations do not lose range."""
-
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # no casts to dispatch
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
 # ---------------------------------------------------------------------- blocks
@@ -180,14 +169,14 @@ class AudioLM(nn.Module):
         self.register_buffer("codebook_offsets", torch.arange(C) * V, persistent=False)
         self.vision = None
         if cfg.vision is not None:
-            from unimoe.model.vision import build_vision_encoder
-
             self.vision = build_vision_encoder(cfg.vision, hidden_size=D)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(D, cfg.norm_eps)
         self.audio_head = nn.Linear(D, C * V, bias=False)
-        self.text_head = nn.Linear(D, self.text_vocab_size, bias=False) if cfg.text_head else None
+        # A tied text head has no weight of its own: text logits use text_embed.weight (text_logits_of).
+        self.text_head = nn.Linear(D, self.text_vocab_size, bias=False) if cfg.text_head and not cfg.tie_text_head else None
         self.gradient_checkpointing = cfg.gradient_checkpointing
+        self.vision_every_batch = False  # set by unimoe.training.parallel: run the encoder on every rank, every batch
         self._init_own_weights()
 
     def _init_own_weights(self) -> None:
@@ -234,6 +223,12 @@ class AudioLM(nn.Module):
                     f"batch has {n_slots} vision positions but the encoder produced {tokens.shape[0]} x {tokens.shape[1]} tokens"
                 )
             x = x.masked_scatter(is_vision.unsqueeze(-1), tokens.to(x.dtype))
+        elif self.vision is not None and self.vision_every_batch:
+            # Sharded training: the encoder's weights are gathered and its gradients reduced by
+            # collectives every rank must join, so a batch without video runs one blank clip, weighted 0.
+            frames, (h, w) = self.vision.input_frames, self.vision.input_size
+            blank = x.new_zeros(1, frames, 3, h, w, dtype=torch.float32)
+            x = x + 0.0 * self.vision(blank).sum().to(x.dtype)
         return x
 
     def embed_audio(self, codes: Tensor) -> Tensor:
@@ -259,7 +254,8 @@ class AudioLM(nn.Module):
         ref = self.audio_head.weight
         return StaticKVCache(
             self.config.num_layers, batch_size, self.config.num_kv_heads, self.config.head_size, max_len,
-            rope_theta=self.config.rope_theta, dtype=dtype or ref.dtype, device=device or ref.device,
+            rope_theta=self.config.rope_theta, rope_scaling=self.config.rope_scaling,
+            dtype=dtype or ref.dtype, device=device or ref.device,
         )
 
     def backbone(
@@ -291,8 +287,9 @@ class AudioLM(nn.Module):
             rope_pos = positions
         else:
             rope_pos = position_ids if position_ids is not None else torch.arange(L, device=x.device).expand(B, L)
-        cos, sin = rope if rope is not None else rope_cos_sin(rope_pos, self.config.head_size, self.config.rope_theta,
-                                                              x.dtype)
+        cos, sin = rope if rope is not None else rope_cos_sin(
+            rope_pos, self.config.head_size, self.config.rope_theta, x.dtype, self.config.rope_scaling
+        )
         routing: list[RoutingInfo | ExpertCounts | None] = []
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and cache is None:
@@ -346,12 +343,17 @@ class AudioLM(nn.Module):
         elif logits != "none":
             raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
         if text_logits:
-            if self.text_head is None:
-                raise ValueError("text_logits=True needs AudioLMConfig.text_head=True")
-            out.text_logits = self.text_head(hidden).float()
+            out.text_logits = self.text_logits_of(hidden)
         if batch.labels is not None:
             self._loss(out, batch.labels, batch.task_ids, full_logits=out.logits if logits == "all" else None)
         return out
+
+    def text_logits_of(self, hidden: Tensor) -> Tensor:
+        """``[..., D] -> [..., text_vocab]`` float32 logits of the text head (tied or not)."""
+        if not self.config.text_head:
+            raise ValueError("text logits need AudioLMConfig.text_head=True")
+        weight = self.text_embed.weight if self.config.tie_text_head else self.text_head.weight
+        return F.linear(hidden, weight).float()
 
     def step(
         self,
@@ -440,6 +442,10 @@ class AudioLM(nn.Module):
     # ------------------------------------------------------------------ accounting
     def num_parameters(self, active: int | str | None = None) -> int:
         """Parameter count: total (``active=None``) or touched by one token (see :mod:`unimoe.model.params`)."""
-        from unimoe.model.params import count_parameters
-
         return count_parameters(self, active=active)
+
+
+def meta_model(config: AudioLMConfig) -> AudioLM:
+    """The model of ``config`` with meta parameters: for counting and shape inspection only (no memory)."""
+    with params_on_meta():
+        return AudioLM(config)

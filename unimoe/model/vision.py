@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unimoe.model.transformer import RMSNorm, rotate_half
+from unimoe.model.layers import RMSNorm, rotate_half
 from unimoe.registry import VISION_ENCODERS
 
 # CLIP's pixel statistics, which Qwen2.5-VL's processor also uses.
@@ -89,7 +89,6 @@ class _VisionBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-@VISION_ENCODERS.register("vit")
 class FrameViT(VisionEncoder):
     """Tubelet ViT + patch-merging projector (defaults: a small CPU-friendly tower).
 

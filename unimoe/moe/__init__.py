@@ -6,9 +6,9 @@ from unimoe.moe.experts import ExpertGroup, NullExperts, SharedExperts, SwiGLUEx
 from unimoe.moe.ffn import SwiGLU, split_swiglu, swiglu
 from unimoe.moe.grouped import grouped_mm
 from unimoe.moe.layer import MoELayer, build_moe_layer
-from unimoe.moe.losses import AuxLossSchedule, aux_loss, load_balance_loss
+from unimoe.moe.losses import AuxLossSchedule, load_balance_loss
 from unimoe.moe.routers import Router, RouterOutput, TopKRouter, TopPRouter
-from unimoe.moe.stats import LayerMeans, RoutingInfo, mean_over_layers, merge_micro_batches, summarize
+from unimoe.moe.stats import LayerMeans, RoutingInfo, mean_over_layers
 
 __all__ = [
     "AuxLossSchedule",
@@ -25,15 +25,12 @@ __all__ = [
     "SwiGLUExperts",
     "TopKRouter",
     "TopPRouter",
-    "aux_loss",
     "build_moe_layer",
     "dispatch",
     "group_slots",
     "grouped_mm",
     "load_balance_loss",
     "mean_over_layers",
-    "merge_micro_batches",
     "split_swiglu",
-    "summarize",
     "swiglu",
 ]

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, List, Literal, Optional, Sequence
 
 from unimoe.moe.grouped import GROUPED_IMPLS
-from unimoe.moe.losses import AuxLossSchedule, aux_loss
-from unimoe.registry import ComponentSpec
+from unimoe.moe.losses import AuxLossSchedule
+from unimoe.moe.stats import mean_over_layers
+from unimoe.registry import ComponentField, plain_spec
 
 DISPATCH_CHOICES: tuple[str, ...] = ("auto", "grouped", "small_batch", "dense")
 """How an MoE layer runs its routed experts (see :mod:`unimoe.moe.layer`)."""
@@ -53,9 +54,9 @@ class MoEConfig:
     num_null_experts: int = 1
     num_shared_experts: int = 2
     shared_intermediate_size: int = 1376
-    router: ComponentSpec = "top_p"
-    expert: ComponentSpec = "swiglu"
-    extra_experts: List[ComponentSpec] = field(default_factory=list)
+    router: ComponentField = "top_p"
+    expert: ComponentField = "swiglu"
+    extra_experts: List[ComponentField] = field(default_factory=list)
     shared_gating: Literal["weighted", "unweighted"] = "weighted"
     z_loss_coef: float = 0.0
     entropy_loss_coef: float = 0.0
@@ -65,6 +66,8 @@ class MoEConfig:
     small_batch_rows: int = DEFAULT_SMALL_BATCH_ROWS
 
     def __post_init__(self) -> None:
+        self.router, self.expert = plain_spec(self.router), plain_spec(self.expert)
+        self.extra_experts = plain_spec(self.extra_experts)
         _non_negative("num_routed_experts", self.num_routed_experts)
         _non_negative("num_null_experts", self.num_null_experts)
         _non_negative("num_shared_experts", self.num_shared_experts)
@@ -89,14 +92,18 @@ class MoEConfig:
         if isinstance(self.load_balance, dict):  # plain-Python construction from a dict
             self.load_balance = AuxLossSchedule(**self.load_balance)
 
-    def aux_loss(self, infos: Sequence[Optional["RoutingInfo"]], step: int) -> "Tensor":
-        """The weighted aux loss of one forward at global ``step`` (layer-averaged)."""
-        return aux_loss(
-            infos,
-            load_balance_weight=self.load_balance.weight(step),
-            z_loss_coef=self.z_loss_coef,
-            entropy_loss_coef=self.entropy_loss_coef,
-        )
+    def aux_loss(
+        self, infos: Sequence[Optional["RoutingInfo"]], step: int, schedule: Optional[AuxLossSchedule] = None
+    ) -> "Tensor":
+        """The weighted aux loss of one forward at global ``step`` (layer-averaged; dense layers are None).
+
+        The one place the aux losses are weighted: load balance by ``schedule`` (a training
+        stage's own anneal; default ``self.load_balance``) at ``step``, z-loss and entropy by
+        their coefficients.
+        """
+        mean = mean_over_layers(infos)
+        weight = (schedule or self.load_balance).weight(step)
+        return weight * mean.load_balance + self.z_loss_coef * mean.z_loss + self.entropy_loss_coef * mean.entropy
 
 
 def _non_negative(name: str, value: int) -> None:

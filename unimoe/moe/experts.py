@@ -29,6 +29,9 @@ class ExpertGroup(nn.Module):
     supports_small_batch: bool = False
     """True when :meth:`expert_forward` and :meth:`all_experts_forward` are implemented (the
     decoding paths of :mod:`unimoe.moe.small_batch`); otherwise the grouped path is always used."""
+    expert_parallel: bool = False
+    """True: every parameter stacks the experts on dim 0 and forward reads it through
+    :func:`local_experts`, so the group can be split over EP ranks (unimoe.moe.expert_parallel)."""
 
     def __init__(self, num_experts: int) -> None:
         super().__init__()
@@ -54,15 +57,28 @@ class ExpertGroup(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} has no all-experts path")
 
 
-@EXPERTS.register("swiglu")
+def local_experts(param: Tensor) -> Tensor:
+    """This rank's experts of a stacked expert parameter: the local shard of a DTensor, else itself.
+
+    Under expert parallelism the parameter is a DTensor sharded on dim 0 over the EP ranks and
+    the grouped GEMM runs on the rows this rank received, so it reads the local shard
+    (``to_local`` is differentiable: the gradient lands on the DTensor). Without EP: a no-op.
+    """
+    to_local = getattr(param, "to_local", None)
+    return to_local() if callable(to_local) else param
+
+
 class SwiGLUExperts(ExpertGroup):
     """``num_experts`` SwiGLU experts with stacked weights, run as two grouped GEMMs.
 
     Weights (layout of :mod:`unimoe.moe.ffn`, plus a leading expert dim):
     ``gate_up_proj`` [E, 2, F, D], ``down_proj`` [E, D, F]. Gate and up are one GEMM.
+    Under expert parallelism the weights are sharded on dim 0 and ``forward`` gets rows of
+    this rank's experts only.
     """
 
     supports_small_batch = True
+    expert_parallel = True
 
     def __init__(
         self, hidden_size: int, intermediate_size: int, num_experts: int, grouped_mm: GroupedImpl = "auto"
@@ -81,11 +97,12 @@ class SwiGLUExperts(ExpertGroup):
         init_swiglu_(self.gate_up_proj, self.down_proj)
 
     def forward(self, x: Tensor, counts: Tensor) -> Tensor:
-        e, _, f, d = self.gate_up_proj.shape
+        gate_up_proj, down_proj = local_experts(self.gate_up_proj), local_experts(self.down_proj)
+        e, _, f, d = gate_up_proj.shape
         offsets = counts.cumsum(0).to(torch.int32)  # [E] row ends
         # [E, 2F, D] -> [E, D, 2F] views: the kernel accepts transposed (column-major) weights.
-        w_gate_up = self.gate_up_proj.to(x.dtype).reshape(e, 2 * f, d).transpose(1, 2)
-        w_down = self.down_proj.to(x.dtype).transpose(1, 2)  # [E, F, D]
+        w_gate_up = gate_up_proj.to(x.dtype).reshape(e, 2 * f, d).transpose(1, 2)
+        w_down = down_proj.to(x.dtype).transpose(1, 2)  # [E, F, D]
         h = grouped_mm(x, w_gate_up, offsets, impl=self.impl, exact_rows=True)  # [N, 2F]
         gate, up = h.split(f, dim=-1)
         return grouped_mm(torch.nn.functional.silu(gate) * up, w_down, offsets, impl=self.impl, exact_rows=True)
@@ -107,7 +124,6 @@ class SwiGLUExperts(ExpertGroup):
         )
 
 
-@EXPERTS.register("null")
 class NullExperts(ExpertGroup):
     """Parameter-free experts that output zero (adaptive compute: AdaMoE / UniMoE-Audio).
 

@@ -20,7 +20,7 @@ same sum; only the kernels differ.
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +36,9 @@ from unimoe.registry import EXPERTS, ROUTERS, ComponentSpec, Registry, RegistryE
 
 SharedGating = Literal["weighted", "unweighted"]
 DispatchPath = Literal["auto", "grouped", "small_batch", "dense"]
-DISPATCH_PATHS: dict[str, object] = {
+Dispatcher = Callable[..., Tensor]
+"""``(x [T, D], selected [T, E], weights [T, E], slots) -> [T, D]``: how routed experts are run."""
+DISPATCH_PATHS: dict[str, Dispatcher] = {
     "grouped": dispatch,  # sort / gather / grouped GEMM / scatter: thousands of rows
     "small_batch": used_experts_dispatch,  # each expert some row picked, on all rows: a few rows, eager
     "dense": all_experts_dispatch,  # every expert on every row, masked: a few rows, compiled / CUDA graphs
@@ -96,6 +98,10 @@ class MoELayer(nn.Module):
         self.small_batch_capable = supports_small_batch(self.slots)
         self.dispatch = dispatch
         self.small_batch_rows = small_batch_rows
+        # The grouped (many-row) dispatcher; expert parallelism injects an
+        # unimoe.moe.expert_parallel.ExpertParallelDispatcher here (unimoe.training.parallel),
+        # and then every forward takes it (the small-batch paths need all experts' weights locally).
+        self.dispatcher: Dispatcher = DISPATCH_PATHS["grouped"]
 
     # ------------------------------------------------------------------ adaptive compute
     @property
@@ -122,7 +128,8 @@ class MoELayer(nn.Module):
         route = self.router(flat, mask)
 
         routed_w, shared_w = self.combine_weights(route)
-        run = DISPATCH_PATHS[self.dispatch_path(b * l)]
+        path = self.dispatch_path(b * l)
+        run = self.dispatcher if path == "grouped" else DISPATCH_PATHS[path]
         y = run(flat, route.selected, routed_w, self.slots)  # [T, D]
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat, shared_w)
@@ -134,6 +141,13 @@ class MoELayer(nn.Module):
 
     def dispatch_path(self, rows: int) -> str:
         """The expert path for a forward of ``rows`` tokens (see the module doc)."""
+        if self.dispatcher is not DISPATCH_PATHS["grouped"]:  # expert parallel: only the injected dispatcher sees all experts
+            if self.dispatch in ("small_batch", "dense"):
+                raise ValueError(
+                    f"MoELayer.dispatch={self.dispatch!r} needs every expert on this rank; "
+                    "under expert parallelism use 'auto' or 'grouped'"
+                )
+            return "grouped"
         if self.dispatch != "auto":
             return self.dispatch
         if rows > self.small_batch_rows or not self.small_batch_capable:

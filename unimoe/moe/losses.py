@@ -2,6 +2,8 @@
 
 All three losses are computed from per-layer *sums* over real (unpadded) tokens, kept in
 :class:`~unimoe.moe.stats.RoutingInfo`, so they can be merged across micro-batches exactly.
+This module holds the formulas only; :meth:`unimoe.moe.config.MoEConfig.aux_loss` is the one
+place that weights them (with the stage's load-balance schedule).
 
 * load balance (Switch style, generalised to a variable number of experts per token):
   ``E * sum_e f_e * P_e`` with ``f_e`` = share of the routed (token, expert) pairs that went
@@ -15,17 +17,21 @@ All three losses are computed from per-layer *sums* over real (unpadded) tokens,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from unimoe.moe.stats import RoutingInfo
-
 
 def load_balance_loss(counts: Tensor, prob_sum: Tensor, num_tokens: Tensor) -> Tensor:
-    """counts [E] (routed pairs per expert), prob_sum [E] (sum of probs), num_tokens [] -> []."""
+    """counts [E] (routed pairs per expert), prob_sum [E] (sum of probs), num_tokens [] -> [].
+
+    ``counts`` is where a *global-batch* balance comes in: sum ``tokens_per_expert`` over
+    the micro-batches of an optimizer step (and all-reduce it over ranks), then call this
+    with each micro-batch's own ``prob_sum`` / ``num_tokens``; weighting each micro-batch's
+    loss by its share of tokens gives exactly the loss of the whole global batch, with the
+    gradient flowing through that micro-batch's probabilities (MOE_NOTES: the fix Megatron
+    adopted against micro-batch balancing).
+    """
     num_experts = counts.shape[-1]
     f = counts.float() / counts.sum().clamp_min(1).float()  # fraction of routed pairs, [E]
     p = prob_sum / num_tokens.clamp_min(1).to(prob_sum.dtype)  # mean probability, [E]
@@ -70,16 +76,3 @@ class AuxLossSchedule:
             return float(self.end)
         return float(self.start + (self.end - self.start) * step / self.steps)
 
-
-def aux_loss(
-    infos: Sequence["RoutingInfo | None"],
-    *,
-    load_balance_weight: float,
-    z_loss_coef: float = 0.0,
-    entropy_loss_coef: float = 0.0,
-) -> Tensor:
-    """Weighted sum of the layer-averaged aux losses of one forward (dense layers: None)."""
-    from unimoe.moe.stats import mean_over_layers
-
-    mean = mean_over_layers(infos)
-    return load_balance_weight * mean.load_balance + z_loss_coef * mean.z_loss + entropy_loss_coef * mean.entropy

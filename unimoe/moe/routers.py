@@ -117,7 +117,6 @@ def _renormalise(probs: Tensor, selected: Tensor) -> Tensor:
     return kept / kept.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
 
 
-@ROUTERS.register("top_p")
 class TopPRouter(Router):
     """Top-p (dynamic-capacity) routing, the paper's rule.
 
@@ -207,7 +206,6 @@ class TopPRouter(Router):
         return f"{super().extra_repr()}, top_p={self.top_p}{budget}"
 
 
-@ROUTERS.register("budget")
 class BudgetRouter(TopPRouter):
     """Top-p routing whose threshold a PI controller moves to hold ``target_experts`` real experts
     per token (DTop-p): the alternative router for training with a compute budget.
@@ -260,7 +258,6 @@ class BudgetRouter(TopPRouter):
                              "(set_budget / --experts-per-token) instead of overriding top-p")
 
 
-@ROUTERS.register("top_k")
 class TopKRouter(Router):
     """Fixed top-k routing (the baseline), weights renormalised over the k unless told not to."""
 

@@ -1,9 +1,10 @@
 """Routing statistics and aux-loss sufficient statistics of one MoE layer's forward.
 
-Everything is a sum over real (unpadded) tokens, so two micro-batches merge exactly into
-the statistics of the combined batch (:func:`merge_micro_batches`), and per-layer values
-average into the model's aux losses (:func:`mean_over_layers`). No host sync is needed to
-build a :class:`RoutingInfo`; callbacks convert to Python numbers when they log.
+Everything is a sum over real (unpadded) tokens, so statistics of micro-batches and ranks
+add up exactly (the expert-load callback sums them between logs; a global-batch balance loss
+uses summed ``tokens_per_expert`` with :func:`unimoe.moe.losses.load_balance_loss`), and
+per-layer losses average into the model's aux losses (:func:`mean_over_layers`). No host
+sync is needed to build a :class:`RoutingInfo`; callbacks convert to Python numbers when they log.
 """
 
 from __future__ import annotations
@@ -94,53 +95,9 @@ class RoutingInfo:
     def num_experts(self) -> int:
         return self.tokens_per_expert.shape[0]
 
-    def load_balance_with_counts(self, counts: Tensor) -> Tensor:
-        """The load-balance loss with externally accumulated ``counts`` [E] as f.
-
-        For global-batch balancing with gradient accumulation: sum ``tokens_per_expert``
-        over the micro-batches seen so far (and all-reduce it over ranks), then use it
-        here; the gradient still flows through this micro-batch's probabilities.
-        """
-        return load_balance_loss(counts, self.prob_sum, self.num_tokens)
-
     def detach(self) -> "RoutingInfo":
         """A copy without autograd history (to keep for logging after backward)."""
         return RoutingInfo(**{k: (v.detach() if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()})
-
-
-def merge_micro_batches(infos: Sequence[RoutingInfo]) -> RoutingInfo:
-    """Merge one layer's infos from several micro-batches (or ranks' gathered infos).
-
-    Sums the sufficient statistics, so the result equals the info of one forward on the
-    concatenated batch: same losses (and gradients, while the graphs are alive) and
-    statistics. Per-task tables with different task counts are zero-padded.
-    """
-    if not infos:
-        raise ValueError("merge_micro_batches needs at least one RoutingInfo")
-    first = infos[0]
-    for i, info in enumerate(infos[1:], start=1):
-        if info.tokens_per_expert.shape != first.tokens_per_expert.shape:
-            raise ValueError(
-                f"merge_micro_batches: info {i} has {info.num_experts} experts, info 0 has {first.num_experts}; "
-                "merge infos of the same layer only"
-            )
-    by_task = [i.tokens_per_expert_by_task for i in infos if i.tokens_per_expert_by_task is not None]
-    merged_by_task = None
-    if by_task:
-        rows = max(t.shape[0] for t in by_task)
-        merged_by_task = torch.zeros(rows, first.num_experts, dtype=by_task[0].dtype, device=by_task[0].device)
-        for t in by_task:
-            merged_by_task[: t.shape[0]] += t
-    return RoutingInfo.from_sums(
-        tokens_per_expert=sum(i.tokens_per_expert for i in infos),
-        active_real_hist=sum(i.active_real_hist for i in infos),
-        tokens_per_expert_by_task=merged_by_task,
-        real_experts=first.real_experts,
-        num_tokens=sum(i.num_tokens for i in infos),
-        prob_sum=sum(i.prob_sum for i in infos),
-        z_sum=sum(i.z_sum for i in infos),
-        entropy_sum=sum(i.entropy_sum for i in infos),
-    )
 
 
 @dataclass
@@ -171,26 +128,3 @@ def mean_over_layers(infos: Sequence[RoutingInfo | None]) -> LayerMeans:
         mean_active_real=sum(i.mean_active_real for i in moe) / n,
     )
 
-
-def summarize(infos: Sequence[RoutingInfo | None], prefix: str = "moe") -> dict[str, float]:
-    """Flat ``{name: float}`` metrics per MoE layer for loggers (syncs with the device).
-
-    Keys: ``{prefix}/layer_{i}/{mean_active_real,router_entropy,load_balance,z_loss,
-    null_fraction,max_load}`` where ``max_load`` is the busiest expert's share of pairs
-    divided by the balanced share 1/E, and ``null_fraction`` the share of real tokens
-    that used no real expert.
-    """
-    out: dict[str, float] = {}
-    for layer, info in enumerate(infos):
-        if info is None:
-            continue
-        key = f"{prefix}/layer_{layer}"
-        counts = info.tokens_per_expert.float()
-        hist = info.active_real_hist.float()
-        out[f"{key}/mean_active_real"] = float(info.mean_active_real)
-        out[f"{key}/router_entropy"] = float(info.router_entropy)
-        out[f"{key}/load_balance"] = float(info.load_balance.detach())
-        out[f"{key}/z_loss"] = float(info.z_loss.detach())
-        out[f"{key}/null_fraction"] = float(hist[0] / hist.sum().clamp_min(1))
-        out[f"{key}/max_load"] = float(counts.max() / counts.sum().clamp_min(1) * counts.numel())
-    return out

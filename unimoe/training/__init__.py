@@ -9,8 +9,9 @@
 | ``metrics.py`` | exact per-task, per-codebook evaluation losses |
 | ``callbacks/`` | ``ExpertLoadMonitor``, ``AudioSamples``, ``StageFinalizer`` |
 | ``cli.py`` / ``run_logging.py`` | ``unimoe fit``: LightningCLI, MLflow store, checkpoints, resume rules |
+| ``recipes.py`` | the one composition path of recipe YAML: ``extends``, merging, ``!replace``, variables |
 | ``recipe_vars.py`` | ``${data_root}`` / ``${env:NAME}`` in recipe YAML |
-| ``curriculum.py`` | ``unimoe curriculum``: specialists -> upcycle -> warmup -> joint, resumable |
+| ``curriculum/`` | ``unimoe curriculum``: schema, compose, run, report (specialists -> upcycle -> warmup -> joint) |
 
 User documentation: ``docs/training.md``. Submodules are imported on use (no Lightning import
 cost for ``import unimoe.training``).

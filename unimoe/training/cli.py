@@ -6,14 +6,15 @@ Defaults a user would otherwise wire by hand on every run:
   is how every curriculum stage logs into one experiment at the curriculum root.
 - ``ModelCheckpoint`` into ``<default_root_dir>/checkpoints`` with ``last.ckpt`` always kept,
   so a killed run resumes with ``--ckpt_path <dir>/checkpoints/last.ckpt``; and
-  ``StageFinalizer``: ``<default_root_dir>/final.ckpt`` when training ends normally.
+  ``StageFinalizer``: the model folder ``<default_root_dir>/final/`` when training ends normally.
 - A rich progress bar over the stage's optimizer steps (``StepProgressBar``), and the resolved
   config saved next to the checkpoints and in MLflow.
-- Plug-ins from installed packages are imported before parsing, so YAML may name their
-  classes by short name; the stage modules and callbacks are importable by short name too
-  (``class_path: JointStage``, ``class_path: ExpertLoadMonitor``).
-- ``${data_root}`` / ``${env:NAME}`` in ``--config`` files (``--data_root`` or
-  ``$UNIMOE_DATA_ROOT``; see :mod:`unimoe.training.recipe_vars`).
+- Stages, data modules and callbacks (in-tree and from installed plug-ins, all declared as
+  entry points) are imported before parsing, so YAML names them by short class name
+  (``class_path: JointStage``, ``class_path: UniMoEDataModule``, ``class_path: ExpertLoadMonitor``).
+- ``--config`` files are composed first (``extends``, ``${data_root}`` / ``${env:NAME}``,
+  ``--data_root`` or ``$UNIMOE_DATA_ROOT``; see :mod:`unimoe.training.recipes`), exactly as
+  ``unimoe curriculum`` composes its stage files.
 
 Resume versus initialisation: ``--ckpt_path`` resumes the SAME stage; LightningCLI then
 restores the checkpoint's saved hyper-parameters, including the module class. unimoe
@@ -64,8 +65,11 @@ class UniMoECLI(LightningCLI):
             return
         cfg = self.config[subcommand]
         ckpt_path = cfg.get("ckpt_path")
-        if not ckpt_path or not Path(ckpt_path).is_file():
+        from unimoe.sharded_checkpoint import ShardedCheckpointError, checkpoint_exists, is_sharded_checkpoint, read_header
+
+        if not ckpt_path or not checkpoint_exists(ckpt_path):
             return
+        sharded = is_sharded_checkpoint(ckpt_path)
         model = cfg.get("model")
         init_args = model.get("init_args") if model is not None and hasattr(model, "get") else None
         if init_args is not None and init_args.get("init_from") is not None:
@@ -75,11 +79,18 @@ class UniMoECLI(LightningCLI):
                 "stage from another stage's weights at step 0. Drop init_from to resume "
                 "(--model.init_args.init_from=null), or drop --ckpt_path to start over from init_from."
             )
+        if sharded and not _is_model_parallel(cfg.get("trainer")):
+            raise ConfigError(
+                f"--ckpt_path {ckpt_path} is a sharded checkpoint (a folder written by MoEParallelStrategy); resume it "
+                "with trainer.strategy unimoe.training.parallel.MoEParallelStrategy (any world size or "
+                "expert_parallel_size, 1 device included). For its weights alone use init_from, or `unimoe "
+                "checkpoint consolidate` it into one file."
+            )
         from unimoe.checkpoint import CheckpointError, read_checkpoint
 
-        try:  # weights_only, as Lightning's own resume loads it (torch's default since 2.6)
-            checkpoint = read_checkpoint(ckpt_path)
-        except CheckpointError as exc:
+        try:  # weights_only, as Lightning's own resume loads it (torch's default since 2.6); a folder: meta.pt only
+            checkpoint = read_header(ckpt_path) if sharded else read_checkpoint(ckpt_path)
+        except (CheckpointError, ShardedCheckpointError) as exc:
             raise ConfigError(f"--ckpt_path: {exc}") from exc
         hparams = dict(checkpoint.get("hyper_parameters") or {})
         saved_class = hparams.get("_class_path")
@@ -91,13 +102,30 @@ class UniMoECLI(LightningCLI):
                 f"to start a {_short(wanted)} from it use --model.init_args.init_from {ckpt_path} instead."
             )
         del checkpoint
-        super()._parse_ckpt_path()
+        if sharded:
+            self._restore_hparams(hparams)  # LightningCLI's own restore reads single files only
+        else:
+            super()._parse_ckpt_path()
         restored = self.config[subcommand].get("model")
         if restored is not None and hasattr(restored, "get"):
             for group in ("init_args", "dict_kwargs"):
                 args = restored.get(group)
                 if args is not None and hasattr(args, "get") and args.get("init_from") is not None:
                     args["init_from"] = None  # resumed weights come from ckpt_path, not from init_from
+
+    def _restore_hparams(self, hparams: dict[str, Any]) -> None:
+        """What ``LightningCLI._parse_ckpt_path`` does with a file's hyper-parameters, for a sharded folder."""
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        subcommand = self.config.subcommand
+        try:
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
+            raise
 
     def before_instantiate_classes(self) -> None:
         """Open ``init_from`` before the module is built, so a bad file is one clear line.
@@ -147,6 +175,26 @@ class UniMoECLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+def _is_model_parallel(trainer_cfg: Any) -> bool:
+    """Whether the config's ``trainer.strategy`` is a ModelParallelStrategy (which reads sharded folders)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = trainer_cfg.get("strategy") if trainer_cfg is not None and hasattr(trainer_cfg, "get") else None
+    if isinstance(strategy, ModelParallelStrategy):
+        return True
+    class_path = strategy.get("class_path") if hasattr(strategy, "get") else None
+    if not class_path:
+        return False
+    import importlib
+
+    module, _, name = str(class_path).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError):
+        return "Parallel" in str(class_path)
+    return isinstance(cls, type) and issubclass(cls, ModelParallelStrategy)
+
+
 def _short(class_path: str) -> str:
     return class_path.rsplit(".", 1)[-1]
 
@@ -161,13 +209,16 @@ def build_cli(
     args: list[str] | None = None, run: bool = True, cli_class: type[UniMoECLI] | None = None,
     parser_kwargs: dict[str, Any] | None = None,
 ) -> UniMoECLI:
-    """Construct the CLI (parsing ``args``) with every plug-in imported first."""
-    import unimoe.components  # noqa: F401  in-tree registrations
-    import unimoe.training.callbacks  # noqa: F401  short class names in YAML
-    import unimoe.training.stages  # noqa: F401
-    from unimoe.registry import load_all_plugins
+    """Construct the CLI (parsing ``args``); stages, data modules, callbacks and strategies are imported first.
 
-    load_all_plugins()
+    LightningCLI resolves a short ``class_path`` (``JointStage``) among imported subclasses,
+    so every class declared in the ``unimoe.stages`` / ``unimoe.data_modules`` /
+    ``unimoe.callbacks`` / ``unimoe.strategies`` entry points (in-tree and plug-ins alike) is imported before parsing.
+    Other components (routers, codecs...) are resolved by the registry when they are built.
+    """
+    from unimoe.registry import load_lightning_classes
+
+    load_lightning_classes()
     # `unimoe fit ...` / `unimoe curriculum` hand LightningCLI their own argv (after variable
     # resolution), which Lightning would otherwise flag as "args and command line arguments".
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
@@ -178,6 +229,8 @@ def build_cli(
         subclass_mode_data=True,
         save_config_callback=RunConfigSaver,
         save_config_kwargs={"overwrite": True},
+        # UniMoEDataModule shards batches across ranks itself (it refuses Lightning's distributed sampler)
+        trainer_defaults={"use_distributed_sampler": False},
         parser_kwargs=parser_kwargs,
         args=args,
         run=run,
@@ -185,11 +238,10 @@ def build_cli(
 
 
 def prepare_argv(argv: list[str]) -> list[str]:
-    """Resolve ``--data_root`` and the variables of ``--config`` files (see recipe_vars)."""
-    from unimoe.training.recipe_vars import expand_config_args, pop_option, resolve_data_root
+    """Compose every ``--config`` file (``extends``, variables; :mod:`unimoe.training.recipes`)."""
+    from unimoe.training.recipes import compose_argv
 
-    data_root, rest = pop_option(list(argv), "--data_root")
-    return expand_config_args(rest, resolve_data_root(data_root))
+    return compose_argv(argv)
 
 
 def run_lightning_cli(argv: list[str]) -> int:

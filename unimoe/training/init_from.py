@@ -34,7 +34,9 @@ from unimoe.safetensors_io import tensor_shape
 class InitFrom:
     """Where a stage's initial weights come from, and which ones.
 
-    path:    a unimoe model folder or ``.ckpt`` (a stage's final model, ``unimoe upcycle`` output)
+    path:    a unimoe model folder or ``.ckpt`` (a stage's final model, ``unimoe upcycle`` output), or a
+             pretrained causal LM: a Hugging Face Qwen2 / Qwen2.5 / Llama folder or Hub id (its
+             backbone and tokenizer; codec embeddings, codec head and vision stay fresh)
     include: globs of checkpoint keys to load; default all
     exclude: globs of checkpoint keys to skip
     remap:   ordered ``{regex: replacement}`` renaming the chosen checkpoint keys to model keys
@@ -91,7 +93,16 @@ class InitReport:
 
 
 def read_init_checkpoint(spec: InitFrom) -> tuple[CheckpointMetadata, Mapping[str, torch.Tensor]]:
-    """The metadata and AudioLM tensors of ``spec.path`` (lazy for a folder; CheckpointError names the file)."""
+    """The metadata and AudioLM tensors of ``spec.path`` (lazy for folders; CheckpointError names the file).
+
+    A Hugging Face causal-LM folder (or Hub id) gives ``stage: pretrained`` metadata whose
+    config holds the pretrained backbone, and its tensors under unimoe keys (:mod:`unimoe.pretrained`).
+    """
+    from unimoe.pretrained import is_pretrained_ref, open_pretrained
+
+    if is_pretrained_ref(spec.path):
+        pretrained = open_pretrained(spec.path)
+        return pretrained.metadata(), pretrained.tensors
     opened = open_model_file(spec.path)
     if not opened.tensors:
         raise CheckpointError(f"{spec.path} holds no model weights (no 'model.*' keys in its state_dict)")
@@ -135,15 +146,17 @@ def load_initial_weights(model: nn.Module, spec: InitFrom, state: Mapping[str, t
         if k in own and tensor_shape(state, kept[k]) != tuple(own[k].shape)
     )
     missing = sorted(k for k in own if k not in kept)
+    fresh = getattr(state, "fresh", ())  # parts a pretrained text LM cannot have (codec embeddings, head, vision)
+    required = [k for k in missing if not any(fnmatch.fnmatchcase(k, p) for p in fresh)]
     problems = []
     if unexpected:
         problems.append(f"{len(unexpected)} checkpoint key(s) the model does not have: {_preview(unexpected)}")
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatch(es): {_preview(mismatched)}")
-    if spec.strict and missing:
+    if spec.strict and required:
         problems.append(
-            f"{len(missing)} model key(s) not in the checkpoint (set init_from.strict: false or adjust "
-            f"include/exclude/remap): {_preview(missing)}"
+            f"{len(required)} model key(s) not in the checkpoint (set init_from.strict: false or adjust "
+            f"include/exclude/remap): {_preview(required)}"
         )
     if problems:
         raise ValueError(f"init_from {spec.path} does not fit the model: " + "; ".join(problems))

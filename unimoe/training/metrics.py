@@ -9,23 +9,39 @@ report for one batch holding every example (sum over codebooks of per-codebook m
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 import torch
 from torch import Tensor
 
-from unimoe.model.tasks import IGNORE_INDEX, TASK_IDS
+from unimoe.model.batch import IGNORE_INDEX
+from unimoe.model.tasks import TaskIds, task_class
+from unimoe.registry import RegistryError
 
-DEFAULT_DOMAINS: dict[str, str] = {"tts": "speech", "t2m": "music", "v2m": "music"}
-"""Task -> domain for the speech-vs-music summaries (plug-in tasks have no domain unless given)."""
+
+def declared_domains(tasks: Iterable[str]) -> dict[str, str]:
+    """Task -> the domain its task class declares (``tts: speech``...); tasks without one are left out.
+
+    A task whose plug-in is not installed any more (named in an old checkpoint) has no domain.
+    """
+    out = {}
+    for name in tasks:
+        try:
+            domain = task_class(name).domain
+        except RegistryError:
+            continue
+        if domain:
+            out[name] = domain
+    return out
 
 
 class TaskLossAccumulator:
-    """Sums of token CE and target counts per (task, codebook) across batches."""
+    """Sums of token CE and target counts per (task, codebook) across batches; tasks by the model's ids."""
 
-    def __init__(self, num_codebooks: int, num_tasks: int | None = None) -> None:
+    def __init__(self, num_codebooks: int, task_ids: TaskIds) -> None:
         self.num_codebooks = num_codebooks
-        self.num_tasks = num_tasks if num_tasks is not None else len(TASK_IDS)
+        self.task_ids = task_ids
+        self.num_tasks = len(task_ids)
         self.sums: Tensor | None = None  # [num_tasks, C] float64
         self.counts: Tensor | None = None  # [num_tasks, C] float64
 
@@ -69,14 +85,15 @@ class TaskLossAccumulator:
         for t in range(sums.shape[0]):
             if counts[t].sum() == 0:
                 continue
-            name = TASK_IDS.name(t)
+            name = self.task_ids.name(t)
             per_cb = sums[t] / counts[t].clamp_min(1)  # [C]
             out[f"{prefix}/loss/{name}"] = float(per_cb.sum())
             for c in range(per_cb.shape[0]):
                 out[f"{prefix}/loss/{name}/cb{c}"] = float(per_cb[c])
-        domains = DEFAULT_DOMAINS if domains is None else domains
+        ids = self.task_ids
+        domains = declared_domains(ids) if domains is None else domains
         for domain in sorted(set(domains.values())):
-            rows = [TASK_IDS[t] for t, d in domains.items() if d == domain and t in TASK_IDS and TASK_IDS[t] < sums.shape[0]]
+            rows = [ids[t] for t, d in domains.items() if d == domain and t in ids and ids[t] < sums.shape[0]]
             if not rows:
                 continue
             s, n = sums[rows].sum(0), counts[rows].sum(0)

@@ -38,10 +38,6 @@ def resolve_data_root(cli_value: Optional[str] = None, recipe_value: Optional[st
     return None
 
 
-def has_variables(text: str) -> bool:
-    return _VAR.search(text) is not None
-
-
 def substitute(text: str, data_root: Optional[Path], where: str) -> str:
     """Replace every ``${...}`` in ``text``; ``where`` names the file for error messages."""
 
@@ -65,33 +61,6 @@ def substitute(text: str, data_root: Optional[Path], where: str) -> str:
         raise RecipeError(f"{where}: unknown variable ${{{name}}}; recipes know ${{data_root}} and ${{env:NAME[,default]}}")
 
     return _VAR.sub(replace, text)
-
-
-def expand_config_args(argv: list[str], data_root: Optional[Path]) -> list[str]:
-    """``--config FILE`` arguments whose file uses variables are replaced by the resolved YAML text."""
-    out, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("--config", "-c") and i + 1 < len(argv):
-            out += [arg, _expand_file(argv[i + 1], data_root)]
-            i += 2
-            continue
-        if arg.startswith("--config="):
-            out.append("--config=" + _expand_file(arg.split("=", 1)[1], data_root))
-        else:
-            out.append(arg)
-        i += 1
-    return out
-
-
-def _expand_file(value: str, data_root: Optional[Path]) -> str:
-    path = Path(value)
-    if not path.is_file():
-        return value
-    text = path.read_text()
-    if not has_variables(text):
-        return value
-    return substitute(text, data_root, str(path))
 
 
 def pop_option(argv: list[str], name: str) -> tuple[Optional[str], list[str]]:

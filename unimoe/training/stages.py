@@ -28,21 +28,22 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from unimoe.checkpoint import METADATA_KEY, CheckpointMetadata, config_from_dict, config_to_dict
-from unimoe.model.config import AudioLMConfig
-from unimoe.model.tasks import TASK_IDS, Batch
+from unimoe.checkpoint import METADATA_KEY, CheckpointMetadata, config_to_dict
+from unimoe.model.config import AudioLMConfig, model_config
+from unimoe.data.sequences import SequenceLayout
+from unimoe.model.batch import Batch
+from unimoe.model.tasks import TaskIds
 from unimoe.model.transformer import AudioLM
-from unimoe.moe.losses import AuxLossSchedule, aux_loss
+from unimoe.moe.losses import AuxLossSchedule
 from unimoe.moe.stats import RoutingInfo, mean_over_layers
-from unimoe.registry import ComponentSpec
+from unimoe.pretrained import PRETRAINED_STAGE
+from unimoe.registry import ComponentField, ComponentSpec, plain_spec
+from unimoe.training.balance import GlobalLoadBalance
 from unimoe.training.init_from import InitFrom, InitReport, load_initial_weights, read_init_checkpoint
-from unimoe.training.metrics import DEFAULT_DOMAINS, TaskLossAccumulator
+from unimoe.training.metrics import TaskLossAccumulator
 from unimoe.training.optim import OptimizerConfig, build_optimizer
 
 log = logging.getLogger("unimoe.training")
-
-SEQUENCE_FIELDS = ("num_codebooks", "codebook_size", "delays", "text_tokenizer", "vision")
-"""Model-config fields the data pipeline lays sequences out with; data and model must agree."""
 
 
 @dataclass
@@ -59,8 +60,9 @@ class StageModule(L.LightningModule):
     """Shared training logic of every stage. Subclasses set the stage name and what trains.
 
     Args:
-        model: the AudioLM config (a preset name or a mapping of ``AudioLMConfig`` fields);
-            None = the ``init_from`` checkpoint's config.
+        model: the AudioLM config: a preset name (``demo``), or a mapping of ``AudioLMConfig``
+            fields, optionally starting from a preset (``{preset: paper-specialist, num_codebooks: 8}``,
+            see :func:`unimoe.model.config.model_config`); None = the ``init_from`` checkpoint's config.
         init_from: start from another stage's checkpoint (weights only, step 0): a path or
             ``{path, include, exclude, remap, strict}``. Mutually exclusive with ``--ckpt_path``.
         optimizer: AdamW + warmup/cosine settings (the stage's default lr when omitted).
@@ -68,9 +70,14 @@ class StageModule(L.LightningModule):
             the audio-sample callback decodes with it); None = the ``init_from`` checkpoint's.
         freeze: globs of AudioLM parameter names to keep frozen.
         load_balance: load-balance weight schedule for this stage; None = ``model.moe.load_balance``.
-        domains: task -> domain for the validation summaries (default tts=speech, t2m/v2m=music).
+        domains: task -> domain for the validation summaries (default: each task's declared
+            ``domain``: tts=speech, t2m/v2m=music).
         label: a short name for this model (e.g. ``tts``); used to label experts after upcycling.
         seed: seed of the fresh initialisation (before ``init_from`` is applied).
+        task_ids: the model's task table, names in id order; None = the ``init_from``
+            checkpoint's (a fresh model starts empty). The data's new tasks are appended at
+            setup; the table is saved in the hyper-parameters (so a crash resume keeps it) and
+            in every checkpoint (``CheckpointMetadata.task_ids``).
     """
 
     stage_name: ClassVar[str] = "stage"
@@ -78,15 +85,16 @@ class StageModule(L.LightningModule):
 
     def __init__(
         self,
-        model: Optional[Union[str, AudioLMConfig]] = None,
+        model: Optional[Union[str, AudioLMConfig, Dict[str, Any]]] = None,
         init_from: Optional[Union[str, InitFrom]] = None,
         optimizer: Optional[OptimizerConfig] = None,
-        codec: Optional[ComponentSpec] = None,
+        codec: Optional[ComponentField] = None,
         freeze: Optional[List[str]] = None,
         load_balance: Optional[AuxLossSchedule] = None,
         domains: Optional[Dict[str, str]] = None,
         label: Optional[str] = None,
         seed: int = 0,
+        task_ids: Optional[List[str]] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -106,21 +114,27 @@ class StageModule(L.LightningModule):
             log.info(self.init_report.summary())
         self.optim = _coerce(OptimizerConfig, optimizer, "optimizer") or OptimizerConfig(lr=self.default_lr)
         self.load_balance = _coerce(AuxLossSchedule, load_balance, "load_balance")
-        self.codec_spec = _plain(codec) if codec is not None else (source.codec if source is not None else None)
-        self.domains = dict(DEFAULT_DOMAINS if domains is None else domains)
+        self.codec_spec = plain_spec(_plain(codec)) if codec is not None else (source.codec if source is not None else None)
+        self.domains = None if domains is None else dict(domains)
         self.label = label
         self.lineage: dict[str, Any] = {k: v for k, v in (source.extra if source else {}).items() if k != "label"}
         if self.init_spec is not None:
             self.lineage["init_from"] = {"path": self.init_spec.path, "stage": source.stage}
         self.task_args: dict[str, Any] = dict(source.tasks) if source is not None else {}
-        self.register_buffer("tasks_seen", torch.zeros(len(TASK_IDS), dtype=torch.bool), persistent=False)
+        if task_ids is not None:
+            self.task_ids = TaskIds(task_ids)
+        else:
+            self.task_ids = source.task_table() if source is not None else TaskIds()
+        self.hparams["task_ids"] = self.task_ids.names
+        self.register_buffer("tasks_seen", torch.zeros(len(self.task_ids), dtype=torch.bool), persistent=False)
         self.apply_freezing(freeze)
         # The resolved model config goes into the saved hyper-parameters, so a crash resume
         # (which restores hparams and no longer applies init_from) rebuilds the same model.
         self.hparams["model"] = config_to_dict(config)
         _plain_hparams(self.hparams)
         self.step_stats: StepStats | None = None
-        self._eval_losses = TaskLossAccumulator(config.num_codebooks)
+        self._eval_losses = TaskLossAccumulator(config.num_codebooks, self.task_ids)
+        self._balance = GlobalLoadBalance()
         self.metadata().to_dict()  # plain JSON or a clear error now, not at the first checkpoint save
 
     # ------------------------------------------------------------------ configuration checks
@@ -152,21 +166,29 @@ class StageModule(L.LightningModule):
             return None
         return self.load_balance or self.config.moe.load_balance
 
+    # ------------------------------------------------------------------ the data's view of the model
+    def sequence_layout(self, task_specs: dict[str, ComponentSpec]) -> SequenceLayout:
+        """What the data module lays sequences out with: this model's config and task ids.
+
+        ``task_specs`` are the data's tasks with the builder spec it uses for each: tasks the
+        table lacks get the next ids (in name order, never renumbering the others), and specs
+        of tasks this model has no record of are recorded for generation.
+        """
+        extended = self.task_ids.extended(task_specs)
+        if extended is not self.task_ids:
+            self.task_ids = extended
+            self.hparams["task_ids"] = extended.names
+            seen = torch.zeros(len(extended), dtype=torch.bool, device=self.tasks_seen.device)
+            seen[: self.tasks_seen.shape[0]] = self.tasks_seen
+            self.tasks_seen = seen
+            self._eval_losses = TaskLossAccumulator(self.config.num_codebooks, extended)
+        for task, spec in task_specs.items():
+            self.task_args.setdefault(task, spec)
+        return SequenceLayout(self.config, self.task_ids)
+
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
-        data_config = getattr(datamodule, "model_config", None)
-        if isinstance(data_config, AudioLMConfig):
-            diff = [f for f in SEQUENCE_FIELDS if getattr(data_config, f) != getattr(self.config, f)]
-            if diff:
-                details = "; ".join(f"{f}: data {getattr(data_config, f)!r} vs model {getattr(self.config, f)!r}" for f in diff)
-                raise ValueError(
-                    f"data.init_args.model and the stage's model disagree on how sequences are laid out ({details}); "
-                    "give the data module the same codec shape, delays, tokenizer and vision encoder"
-                )
-            if not self.task_args:
-                self.task_args = {t: {"name": t, "cond_drop_prob": datamodule.cond_drop_prob,
-                                      **(getattr(datamodule, "task_args", None) or {}).get(t, {})} for t in TASK_IDS}
         self.check_codec(getattr(datamodule, "codec_info", None))
 
     def check_codec(self, shards_codec: dict[str, Any] | None) -> None:
@@ -177,7 +199,6 @@ class StageModule(L.LightningModule):
         """
         if not shards_codec or self.codec_spec is None:
             return
-        import unimoe.components  # noqa: F401  registers the codecs
         from unimoe.data.shards import CodecMismatchError, codec_record, compare_codecs
         from unimoe.registry import CODECS
 
@@ -190,40 +211,68 @@ class StageModule(L.LightningModule):
         except CodecMismatchError as exc:
             raise ValueError(f"{type(self).__name__}.codec {self.codec_spec!r} is not the codec of the shards: {exc}") from exc
 
+    def configure_model(self) -> None:
+        """Shard the AudioLM under ``MoEParallelStrategy`` (FSDP2 per block, experts over EP); else nothing."""
+        if self._trainer is None:
+            return
+        strategy = self.trainer.strategy
+        parallelize = getattr(strategy, "parallelize_audiolm", None)
+        if parallelize is not None:
+            parallelize(self.model)
+        elif isinstance(strategy, L.pytorch.strategies.ModelParallelStrategy):
+            raise TypeError(f"{type(self).__name__} is sharded by unimoe.training.parallel.MoEParallelStrategy (a "
+                            "ModelParallelStrategy with an expert-parallel dim); use it instead of ModelParallelStrategy")
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip = getattr(self.trainer.strategy, "clip_grad_norm_", None)
+        if clip is None or not gradient_clip_val:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError(f"gradient_clip_algorithm={gradient_clip_algorithm!r} is not supported under "
+                             f"{type(self.trainer.strategy).__name__}; use 'norm'")
+        clip([p for group in optimizer.param_groups for p in group["params"]], float(gradient_clip_val))
+
     def forward(self, batch: Batch):
         return self.model(batch, logits="none")
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         out = self.model(batch, logits="none")
         step = self.trainer.global_step if self._trainer is not None else 0
-        aux, weight = self.aux_loss(out.routing, step)
+        balanced = self.balanced_routing(out.routing, step)
+        aux, weight = self.aux_loss(balanced.routing, step)
         loss = out.loss + aux
         size = int(batch.lengths.shape[0])
         self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=size)
         self.log("train/total_loss", loss.detach(), batch_size=size)
         for task_id, value in out.task_losses.items():
-            self.log(f"train/loss/{TASK_IDS.name(task_id)}", value.detach(), batch_size=size)
+            self.log(f"train/loss/{self.task_ids.name(task_id)}", value.detach(), batch_size=size)
         if self.config.moe is not None:
-            means = mean_over_layers(out.routing)
+            means = mean_over_layers(balanced.routing)  # global batch (all ranks, accumulated micro-batches)
             self.log("train/aux_loss", aux.detach(), batch_size=size)
             self.log("train/aux_weight", weight, batch_size=size)
             self.log("train/load_balance", means.load_balance.detach(), batch_size=size)
-            self.log("train/active_experts", means.mean_active_real, prog_bar=True, batch_size=size)
+            self.log("train/active_experts", balanced.mean_active_real, prog_bar=True, batch_size=size)
         if self._trainer is not None and self.trainer.lr_scheduler_configs:
             self.log("train/lr", self.trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0], batch_size=size)
         self.tasks_seen[batch.task_ids[:, 0].unique()] = True
         self.step_stats = StepStats([_detach(i) for i in out.routing], float(aux.detach()), weight, train=True)
         return loss
 
+    def balanced_routing(self, routing: list[RoutingInfo | None], step: int):
+        """The routing with global-batch load-balance losses (:mod:`unimoe.training.balance`)."""
+        trainer = self._trainer
+        return self._balance(routing, step=step, accumulate=trainer.accumulate_grad_batches if trainer else 1,
+                             world_size=trainer.world_size if trainer else 1)
+
     def aux_loss(self, routing: list[RoutingInfo | None], step: int) -> tuple[Tensor, float]:
-        """Weighted MoE aux loss at global ``step`` and the load-balance weight used (0 for dense)."""
+        """Weighted MoE aux loss at global ``step`` and the load-balance weight used (0 for dense).
+
+        The weighting itself is :meth:`MoEConfig.aux_loss`'s; the stage only chooses the schedule.
+        """
         schedule = self.schedule()
         if schedule is None:
             return torch.zeros((), device=self.device), 0.0
-        weight = schedule.weight(step)
-        moe = self.config.moe
-        return aux_loss(routing, load_balance_weight=weight, z_loss_coef=moe.z_loss_coef,
-                        entropy_loss_coef=moe.entropy_loss_coef), weight
+        return self.config.moe.aux_loss(routing, step, schedule=schedule), schedule.weight(step)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._eval_step(batch)
@@ -267,12 +316,12 @@ class StageModule(L.LightningModule):
     def metadata(self) -> CheckpointMetadata:
         """What this stage's checkpoints say about themselves."""
         extra = dict(self.lineage)
-        seen = [TASK_IDS.name(i) for i in torch.nonzero(self.tasks_seen.cpu()).flatten().tolist()]
+        seen = [self.task_ids.name(i) for i in torch.nonzero(self.tasks_seen.cpu()).flatten().tolist()]
         extra["data_tasks"] = sorted(set(seen) | set(self.lineage.get("data_tasks") or []))
         if self.label:
             extra["label"] = self.label
         return CheckpointMetadata(config=self.config, codec=self.codec_spec, stage=self.stage_name,
-                                  tasks=dict(self.task_args), extra=extra)
+                                  tasks=dict(self.task_args), extra=extra, task_ids=self.task_ids.names)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[METADATA_KEY] = self.metadata().to_dict()
@@ -297,8 +346,8 @@ class StageModule(L.LightningModule):
         if not self.task_args:
             self.task_args = dict(saved.tasks)
         for name in saved.extra.get("data_tasks") or []:
-            if name in TASK_IDS:
-                self.tasks_seen[TASK_IDS[name]] = True
+            if name in self.task_ids:
+                self.tasks_seen[self.task_ids[name]] = True
 
 
 class SpecialistStage(StageModule):
@@ -326,19 +375,20 @@ class WarmupStage(StageModule):
 
     def __init__(
         self,
-        model: Optional[Union[str, AudioLMConfig]] = None,
+        model: Optional[Union[str, AudioLMConfig, Dict[str, Any]]] = None,
         init_from: Optional[Union[str, InitFrom]] = None,
         optimizer: Optional[OptimizerConfig] = None,
-        codec: Optional[ComponentSpec] = None,
+        codec: Optional[ComponentField] = None,
         trainable: List[str] = ["blocks.*.ffn.router.*", "blocks.*.ffn.shared_experts.*"],  # noqa: B006
         load_balance: Optional[AuxLossSchedule] = None,
         domains: Optional[Dict[str, str]] = None,
         label: Optional[str] = None,
         seed: int = 0,
+        task_ids: Optional[List[str]] = None,
     ) -> None:
         self._trainable = list(trainable)
         super().__init__(model=model, init_from=init_from, optimizer=optimizer, codec=codec, freeze=None,
-                         load_balance=load_balance, domains=domains, label=label, seed=seed)
+                         load_balance=load_balance, domains=domains, label=label, seed=seed, task_ids=task_ids)
 
     def check_config(self, config: AudioLMConfig) -> None:
         if config.moe is None:
@@ -375,20 +425,34 @@ class JointStage(StageModule):
 # ---------------------------------------------------------------------- helpers
 def _resolve_config(model: Any, source: CheckpointMetadata | None, owner: str) -> AudioLMConfig:
     model = _plain(model)
+    if source is not None and source.stage == PRETRAINED_STAGE:
+        return _pretrained_config(model, source, owner)
     if model is None:
         if source is None:
             raise ValueError(f"{owner}: give model (a preset name or config) or init_from (a checkpoint to start from)")
         return source.config
-    if isinstance(model, AudioLMConfig):
-        return model
-    if isinstance(model, str):
-        return AudioLMConfig.from_preset(model)
-    if isinstance(model, dict):
-        try:
-            return config_from_dict(model)
-        except Exception as exc:
-            raise ValueError(f"{owner}.model: {exc}") from exc
-    raise ValueError(f"{owner}.model must be a preset name or an AudioLMConfig mapping, got {type(model).__name__}")
+    try:
+        return model_config(model, f"{owner}.model")
+    except (TypeError, ValueError) as exc:
+        raise ValueError(str(exc) if str(exc).startswith(owner) else f"{owner}.model: {exc}") from exc
+
+
+def _pretrained_config(model: Any, source: CheckpointMetadata, owner: str) -> AudioLMConfig:
+    """The recipe's audio parts on the pretrained LM's backbone (see :func:`unimoe.pretrained.merge_backbone`)."""
+    from unimoe.pretrained import BACKBONE_FIELDS, merge_backbone
+
+    info = source.extra.get("pretrained", {})
+    user = None if model is None else _resolve_config(model, None, owner)
+    backbone = {f: getattr(source.config, f) for f in BACKBONE_FIELDS}
+    try:
+        config = merge_backbone(user, backbone, info.get("ref", "?"), from_preset=isinstance(model, str))
+    except ValueError as exc:
+        raise ValueError(f"{owner}.model: {exc}") from exc
+    limit = info.get("max_position_embeddings")
+    if isinstance(limit, int) and config.max_seq_len > limit:
+        log.warning("%s: max_seq_len %d is longer than the %d positions %s was trained on", owner,
+                    config.max_seq_len, limit, info.get("ref"))
+    return config
 
 
 def _coerce(cls, value, name: str):
@@ -405,10 +469,10 @@ def _coerce(cls, value, name: str):
 
 
 def _plain(value: Any) -> Any:
-    """jsonargparse Namespaces -> dicts (hparams restored from a checkpoint arrive as either)."""
+    """jsonargparse Namespaces -> dicts (hparams restored from a checkpoint arrive as either); component fields -> specs."""
     if hasattr(value, "as_dict") and callable(value.as_dict):
         return value.as_dict()
-    return value
+    return plain_spec(value)
 
 
 def _plain_hparams(hparams) -> None:
@@ -418,6 +482,8 @@ def _plain_hparams(hparams) -> None:
             hparams[key] = dataclasses.asdict(value)
         elif hasattr(value, "as_dict"):
             hparams[key] = value.as_dict()
+        else:
+            hparams[key] = plain_spec(value)
 
 
 def _detach(info: RoutingInfo | None) -> RoutingInfo | None:

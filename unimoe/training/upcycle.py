@@ -8,8 +8,8 @@ For N dense specialists and ``pieces = k``:
   (the paper: 4 specialists x 2 = 8 experts);
 * attention, norms, embeddings, heads (and dense FFNs of non-MoE layers) are the element-wise
   average of the specialists;
-* the vision encoder is the video specialist's (the one whose data had ``v2m``), else the
-  average;
+* the vision encoder is the video specialist's (the one whose data had a task that takes
+  ``video``), else the average;
 * routers and shared experts start random (``router_init: grouped`` gives all pieces of one
   specialist the same gate row, so they are selected together; ``shared_init: zero`` zeroes
   the shared experts' ``down_proj`` so the initial MoE output is the routed part alone).
@@ -41,8 +41,10 @@ import torch
 
 from unimoe.checkpoint import CheckpointError, CheckpointMetadata, config_to_dict, open_model_file, save_model
 from unimoe.model.config import AudioLMConfig
+from unimoe.model.tasks import TaskIds, task_class
 from unimoe.moe.config import MoEConfig
 from unimoe.moe.experts import SwiGLUExperts
+from unimoe.registry import RegistryError
 
 log = logging.getLogger("unimoe.upcycle")
 
@@ -133,7 +135,7 @@ def _codec(specialists: Sequence[Specialist]):
 def _vision_source(specialists: Sequence[Specialist], vision_from: Union[None, int, str]) -> Optional[int]:
     """Index of the specialist whose vision encoder is kept (None = average)."""
     if vision_from is None:
-        video = [i for i, sp in enumerate(specialists) if "v2m" in sp.tasks]
+        video = [i for i, sp in enumerate(specialists) if any(_takes_video(t) for t in sp.tasks)]
         return video[0] if len(video) == 1 else None
     if isinstance(vision_from, int):
         if not 0 <= vision_from < len(specialists):
@@ -192,8 +194,10 @@ def upcycle(
     names = [sp.name for sp in specialists]
     labels = [f"{names[s]}.{j}" for s in range(len(specialists)) for j in range(pieces)]
     tasks: dict[str, Any] = {}
-    for sp in specialists:
+    task_ids = TaskIds()
+    for sp in specialists:  # each specialist's ids in turn: the first keeps its numbering, the others append
         tasks.update(sp.metadata.tasks)
+        task_ids = _merge_ids(task_ids, sp.metadata.task_table())
     extra = {
         "upcycle": {
             "specialists": [{"name": sp.name, "path": sp.path, "stage": sp.metadata.stage, "data_tasks": sp.tasks}
@@ -209,8 +213,22 @@ def upcycle(
         "expert_labels": labels,
         "data_tasks": sorted({t for sp in specialists for t in sp.tasks}),
     }
-    metadata = CheckpointMetadata(config=config, codec=_codec(specialists), stage="upcycle", tasks=tasks, extra=extra)
+    metadata = CheckpointMetadata(config=config, codec=_codec(specialists), stage="upcycle", tasks=tasks, extra=extra,
+                                  task_ids=task_ids.names)
     return UpcycleResult(model=target, metadata=metadata, expert_labels=labels)
+
+
+def _takes_video(task: str) -> bool:
+    """Whether ``task`` conditions on video (a task whose plug-in is gone counts as no)."""
+    try:
+        return task_class(task).accepts("video")
+    except RegistryError:
+        return False
+
+
+def _merge_ids(table: TaskIds, other: TaskIds) -> TaskIds:
+    """``table`` followed by the tasks of ``other`` it lacks, in ``other``'s id order."""
+    return TaskIds([*table, *(n for n in other if n not in table)])
 
 
 def _moe_layer_of(key: str, config: AudioLMConfig) -> Optional[int]:
@@ -308,7 +326,8 @@ def upcycle_checkpoints(
         pieces: FFN pieces per specialist (k; the paper: 2)
         names: labels of the specialists (default: their data tasks, e.g. ``tts``)
         moe_layers: layers that become MoE (None = all)
-        vision_from: specialist (index, name or path) whose vision encoder is kept (default: the v2m one)
+        vision_from: specialist (index, name or path) whose vision encoder is kept (default: the one
+            whose data had a task that takes video, e.g. v2m)
         router_init: ``random`` or ``grouped`` (pieces of one specialist share a gate row)
         shared_init: ``random`` or ``zero`` (shared experts' down_proj zeroed)
         expert_scale: factor on each piece's down_proj (default ``pieces``: exact dense output, see above)

@@ -1,11 +1,11 @@
-"""Metric backends; importing this package registers the in-tree ones in ``METRICS``.
+"""Metric backends: the kinds (base classes) here, the in-tree backends in the submodules.
 
-Heavy libraries (faster-whisper, transformers, openl3...) are imported only when a
-backend is built, so registering them costs nothing and a missing one only affects the
-suites that name it.
+Backends are declared as entry points in ``unimoe.metrics`` (pyproject.toml) and imported
+when a suite first names them. Heavy libraries (faster-whisper, transformers, openl3...)
+are imported only when a backend is built, so a missing one only affects the suites that
+name it.
 """
 
-from . import asr, classifiers, clap, embeddings, quality, speaker  # noqa: F401  (registration)
 from .base import (
     ASRBackend,
     AudioClassifier,

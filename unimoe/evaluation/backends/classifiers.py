@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from unimoe.registry import METRICS
 
 from ..errors import BackendUnavailableError
 from .base import AudioClassifier, require, resolve_device
 
 
-@METRICS.register("passt")
 class PaSST(AudioClassifier):
     """PaSST-S (AudioSet 527 classes, 32 kHz) through ``hear21passt``; softmax over its
     logits gives the class distributions that KL compares. ``hear21passt`` fetches its

@@ -16,13 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unimoe.registry import METRICS
 
 from ..errors import BackendUnavailableError
 from .base import AudioClassifier, AudioEmbedder, require, resolve_device
 
 
-@METRICS.register("mel_stats")
 class MelStats(AudioEmbedder, AudioClassifier):
     """Mean and standard deviation of a 64-band log-mel spectrogram per 1 s window.
 
@@ -92,7 +90,6 @@ def _import_panns_models() -> types.ModuleType:
     return importlib.import_module("panns_inference.models")
 
 
-@METRICS.register("panns_cnn14")
 class PannsCnn14(AudioEmbedder, AudioClassifier):
     """PANNs Cnn14 (32 kHz, AudioSet 527 classes): 2048-dim clip embedding for FAD/FD and
     pre-sigmoid class logits for KL, as in AudioLDM's evaluation.
@@ -147,7 +144,6 @@ class PannsCnn14(AudioEmbedder, AudioClassifier):
             return self._net.fc_audioset(emb)[0].double().cpu().numpy()
 
 
-@METRICS.register("openl3")
 class OpenL3(AudioEmbedder):
     """OpenL3 embeddings (the paper's FAD embedding): music content, mel256, 512-dim,
     one row per ``hop_s``. Needs the ``openl3`` package (TensorFlow) and its weights."""

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from unimoe.registry import METRICS
 
 from .base import QualityPredictor, require
 
 
-@METRICS.register("dnsmos")
 class DNSMOS(QualityPredictor):
     """DNSMOS P.835 (SIG, BAK, OVRL) and P.808 MOS via ``speechmos``; value = OVRL.
 

@@ -7,14 +7,12 @@ from typing import Any
 
 import numpy as np
 
-from unimoe.registry import METRICS
 
 from ..clips import ClipSkip
 from ..errors import BackendUnavailableError
 from .base import SpeakerEmbedder, require, resolve_device
 
 
-@METRICS.register("resemblyzer")
 class ResemblyzerSpeaker(SpeakerEmbedder):
     """Resemblyzer's GE2E d-vector (256-dim, weights packaged in the wheel).
 
@@ -43,7 +41,6 @@ class ResemblyzerSpeaker(SpeakerEmbedder):
         return np.asarray(self._encoder.embed_utterance(speech), dtype=np.float64)
 
 
-@METRICS.register("wavlm_sv")
 class WavLMSpeaker(SpeakerEmbedder):
     """x-vector of a transformers ``WavLMForXVector`` (default ``microsoft/wavlm-base-plus-sv``).
 

@@ -75,7 +75,6 @@ class AudioSamples(Callback):
 
     def _codec_for(self, pl_module):
         if self._codec is None:
-            import unimoe.components  # noqa: F401  registers the codecs
             from unimoe.registry import CODECS
 
             self._codec = CODECS.build(pl_module.codec_spec).eval()
@@ -108,14 +107,16 @@ class AudioSamples(Callback):
 
     # ------------------------------------------------------------------ generation
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        if trainer.sanity_checking:
             return
         self._validations += 1
         if (self._validations - 1) % self.every:
             return
-        self.generate(trainer, pl_module)
+        model = _unsharded_on_rank_zero(pl_module)  # collective under MoEParallelStrategy
+        if trainer.is_global_zero:
+            self.generate(trainer, pl_module, model)
 
-    def generate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
+    def generate(self, trainer: L.Trainer, pl_module: L.LightningModule, model=None) -> Path | None:
         examples = self._prompt_examples(trainer)
         if not examples:
             return None
@@ -129,8 +130,9 @@ class AudioSamples(Callback):
             for i, ex in enumerate(examples)
         ]
         builders = dict(getattr(pl_module, "task_args", None) or {})
-        generator = Generator(pl_module.model, codec, self.settings, builders=builders,
-                              info={"stage": getattr(pl_module, "stage_name", None), "step": trainer.global_step})
+        generator = Generator(model if model is not None else pl_module.model, codec, self.settings, builders=builders,
+                              info={"stage": getattr(pl_module, "stage_name", None), "step": trainer.global_step},
+                              task_ids=getattr(pl_module, "task_ids", None))
         clips = generator.generate(requests)
         out_dir = Path(trainer.default_root_dir) / "samples" / f"step{trainer.global_step:07d}"
         write_clips(clips, out_dir)
@@ -155,3 +157,24 @@ class AudioSamples(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, MLFlowLogger):
                 logger.experiment.log_artifacts(logger.run_id, str(directory), artifact_path=artifact_path)
+
+
+def _unsharded_on_rank_zero(pl_module):
+    """The AudioLM to generate with: itself, or (sharded by FSDP2 / EP) a full copy gathered on rank 0.
+
+    A sharded model cannot decode on one rank alone (every forward is a collective), so all
+    ranks gather the weights and rank 0 decodes a plain copy; the other ranks get None.
+    """
+    from unimoe.training.parallel import gather_full_state_dict, is_parallelized
+
+    model = pl_module.model
+    if not is_parallelized(model):
+        return model
+    state = gather_full_state_dict(model)
+    if state is None:
+        return None
+    from unimoe.model.transformer import AudioLM
+
+    copy = AudioLM(model.config)
+    copy.load_state_dict(state)
+    return copy.to(pl_module.device)

@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import MLFlowLogger
 from torch import Tensor
 
-from unimoe.model.tasks import TASK_IDS
+from unimoe.model.tasks import TaskIds
 from unimoe.moe.stats import RoutingInfo
 from unimoe.training.callbacks.plots import activated_experts_figure, expert_load_figure, save_figure
 
@@ -42,6 +42,7 @@ class RoutingTotals:
     """Sums over steps (and ranks after :meth:`reduced`) for the MoE layers of a model."""
 
     layers: list[int]
+    task_names: list[str]  # the model's task table: row t of by_task is task_names[t]
     tokens: Tensor  # [L, E] routed (token, expert) pairs per dynamic expert, null included
     by_task: Tensor  # [L, T, E] the same split by task id
     hist: Tensor  # [L, R+1] tokens by number of real experts used
@@ -51,14 +52,14 @@ class RoutingTotals:
     steps: Tensor  # [] steps accumulated
 
     @classmethod
-    def empty(cls, routing: list[Optional[RoutingInfo]], num_tasks: int) -> "RoutingTotals":
+    def empty(cls, routing: list[Optional[RoutingInfo]], task_names: list[str]) -> "RoutingTotals":
         layers = [i for i, info in enumerate(routing) if info is not None]
         first = routing[layers[0]]
         dev = first.tokens_per_expert.device
         e, r = first.num_experts, first.active_real_hist.shape[0]
         z = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=dev)  # noqa: E731
-        return cls(layers, z(len(layers), e), z(len(layers), num_tasks, e), z(len(layers), r), z(len(layers)),
-                   z(len(layers)), z(), z())
+        return cls(layers, list(task_names), z(len(layers), e), z(len(layers), len(task_names), e), z(len(layers), r),
+                   z(len(layers)), z(len(layers)), z(), z())
 
     def add(self, routing: list[Optional[RoutingInfo]], aux: float) -> None:
         for row, layer in enumerate(self.layers):
@@ -83,7 +84,7 @@ class RoutingTotals:
         for p in parts:
             out.append(flat[offset: offset + p.numel()].reshape(p.shape).cpu())
             offset += p.numel()
-        return RoutingTotals(list(self.layers), *out)
+        return RoutingTotals(list(self.layers), list(self.task_names), *out)
 
     # ------------------------------------------------------------------ derived numbers
     def shares(self) -> np.ndarray:
@@ -98,7 +99,7 @@ class RoutingTotals:
         for t in range(table.shape[1]):
             counts = table[:, t]  # [L, E]
             if counts.sum() > 0:
-                names.append(TASK_IDS.name(t))
+                names.append(self.task_names[t])
                 rows.append(counts / np.maximum(counts.sum(1, keepdims=True), 1))
         return names, np.stack(rows) if rows else np.zeros((0, *table.shape[::2]))
 
@@ -143,7 +144,7 @@ class RoutingTotals:
             "layers": self.layers,
             "experts": labels,
             "tokens_per_expert": self.tokens.tolist(),
-            "tokens_per_expert_by_task": {TASK_IDS.name(t): self.by_task[:, t].tolist()
+            "tokens_per_expert_by_task": {self.task_names[t]: self.by_task[:, t].tolist()
                                           for t in range(self.by_task.shape[1]) if float(self.by_task[:, t].sum()) > 0},
             "active_real_hist": self.hist.tolist(),
             "num_tokens": self.num_tokens.tolist(),
@@ -199,7 +200,7 @@ class ExpertLoadMonitor(Callback):
             return
         for name in ("_train", "_stage_total"):
             if getattr(self, name) is None:
-                setattr(self, name, RoutingTotals.empty(stats.routing, len(TASK_IDS)))
+                setattr(self, name, RoutingTotals.empty(stats.routing, _task_names(pl_module)))
             getattr(self, name).add(stats.routing, stats.aux_loss)
         step = trainer.global_step
         if step % self.log_every_n_steps == 0 and step != self._last_logged:
@@ -220,7 +221,7 @@ class ExpertLoadMonitor(Callback):
         if stats is None:
             return
         if self._val is None:
-            self._val = RoutingTotals.empty(stats.routing, len(TASK_IDS))
+            self._val = RoutingTotals.empty(stats.routing, _task_names(pl_module))
         self._val.add(stats.routing, stats.aux_loss)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
@@ -266,6 +267,12 @@ class ExpertLoadMonitor(Callback):
             if isinstance(logger, MLFlowLogger):
                 for path in paths:
                     logger.experiment.log_artifact(logger.run_id, str(path), artifact_path="plots")
+
+
+def _task_names(pl_module) -> list[str]:
+    """The stage's task table (names in id order); a module without one gets the legacy order."""
+    ids = getattr(pl_module, "task_ids", None)
+    return list(ids if ids is not None else TaskIds.legacy())
 
 
 def _reducer(trainer):
