@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from unimoe.moe import MoEConfig, build_moe_layer
+from unimoe.moe.dispatch import dispatch
 
 D, F_ROUTED, F_SHARED, E_ROUTED = 16, 24, 16, 4
 
@@ -123,6 +124,27 @@ def test_dispatch_path_is_chosen_by_row_count(monkeypatch):
     assert layer.dispatch_path(1) == "grouped"
     with pytest.raises(ValueError, match="dispatch"):
         MoEConfig(dispatch="fast")
+
+
+def test_an_injected_dispatcher_takes_every_forward():
+    """Expert parallelism installs its own dispatcher; the few-row paths (all experts local) then never run."""
+    layer = build_moe_layer(D, MoEConfig(num_routed_experts=E_ROUTED, routed_intermediate_size=F_ROUTED,
+                                         num_shared_experts=0)).eval()  # eval: no router jitter
+    calls = []
+
+    def recording(x, selected, weights, slots):
+        calls.append(x.shape[0])
+        return dispatch(x, selected, weights, slots)
+
+    x = torch.randn(1, 2, D)
+    local, _ = layer(x)
+    layer.dispatcher = recording
+    assert layer.dispatch_path(2) == "grouped"
+    injected, _ = layer(x)
+    assert calls == [2] and torch.allclose(local, injected, atol=1e-6)
+    layer.dispatch = "small_batch"
+    with pytest.raises(ValueError, match="expert parallelism"):
+        layer(x)
 
 
 def check_against_reference(rule, k_or_p, null, shared, gating, padded, impl, path):
