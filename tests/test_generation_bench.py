@@ -84,3 +84,15 @@ def test_bench_adaptive_on_a_checkpoint(tmp_path, tmp_path_factory):
     assert all(r["audio_loss"] > 0 for r in rows.values())
     with pytest.raises(ValueError, match="no shard folders"):
         run_adaptive(AdaptiveBenchConfig(ckpt=str(ckpt), shards=str(tmp_path)))
+
+
+def test_bench_names_the_first_differing_step():
+    from types import SimpleNamespace
+
+    from unimoe.bench.generate import _same
+
+    a = torch.zeros(2, 6, dtype=torch.long)
+    b = a.clone()
+    b[1, 4] = 7
+    result = _same(SimpleNamespace(segments=[a, a]), SimpleNamespace(segments=[a, b]))
+    assert result == "1/2 requests token-identical (others first differ at step 4)"

@@ -179,8 +179,17 @@ def _experts(out: DecodeOutput) -> float | None:
 
 
 def _same(a: DecodeOutput, b: DecodeOutput) -> str:
+    """How many requests two runs decoded identically, and for the others the first step that differs.
+
+    Sampled decoding of a random-weight model is sensitive to fp32 rounding: its logits are
+    small and nearly tied, so a ~1e-6 difference between two attention kernels can move a
+    top-k / top-p boundary; from that step on the two sequences are different samples.
+    """
     same = sum(torch.equal(x, y) for x, y in zip(a.segments, b.segments))
-    return f"{same}/{len(a.segments)} requests token-identical"
+    text = f"{same}/{len(a.segments)} requests token-identical"
+    first = [int((x != y).any(0).nonzero()[0]) for x, y in zip(a.segments, b.segments)
+             if x.shape == y.shape and not torch.equal(x, y)]
+    return text + (f" (others first differ at step {', '.join(map(str, first))})" if first else "")
 
 
 # ---------------------------------------------------------------------- sections
