@@ -4,12 +4,13 @@
 #   ./scripts/setup.sh            # idempotent: re-running only installs what changed
 #
 # System packages (espeak-ng voices, fluidsynth + a General-MIDI soundfont, sox, libsndfile)
-# build the offline demo corpus. They are installed with apt-get when running as root (or
+# build the offline demo corpus; g++ lets torch.compile build C++ kernels on a CPU
+# (`unimoe generate --compile`). They are installed with apt-get when running as root (or
 # with sudo when available); otherwise the script says which command to run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(espeak-ng fluidsynth fluid-soundfont-gm sox libsndfile1)
+APT_PACKAGES=(espeak-ng fluidsynth fluid-soundfont-gm sox libsndfile1 g++)
 PYTHON="${PYTHON:-python3}"
 VENV="${UNIMOE_VENV:-.venv}"
 
