@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import Logger
 
 HELPERS = Path(__file__).parent / "helpers"
 
-from training_helpers import tiny_data  # noqa: E402
+from training_helpers import MemoryLogger, tiny_data  # noqa: E402
 
 from unimoe.data.datamodule import UniMoEDataModule  # noqa: E402
 from unimoe.model.config import AudioLMConfig  # noqa: E402
@@ -75,26 +74,6 @@ def test_routing_totals_match_a_direct_count_of_the_router_decisions():
     doubled = totals.reduced(lambda t: 2 * t)  # what a 2-rank all-reduce of equal ranks gives
     assert torch.equal(doubled.tokens, 2 * out.tokens)
     assert doubled.metrics("m", labels, True, False)["m/layer_1/share/a"] == pytest.approx(float(shares[0]))
-
-
-class MemoryLogger(Logger):
-    def __init__(self):
-        super().__init__()
-        self.rows = []
-
-    @property
-    def name(self):
-        return "memory"
-
-    @property
-    def version(self):
-        return 0
-
-    def log_hyperparams(self, params, *args, **kwargs):
-        pass
-
-    def log_metrics(self, metrics, step=None):
-        self.rows.append((step, dict(metrics)))
 
 
 @pytest.fixture(scope="module")

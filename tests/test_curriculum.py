@@ -166,6 +166,11 @@ def test_one_mlflow_experiment_with_metrics_plots_and_audio(curriculum_run):
     for stage in FIT_STAGES:  # every stage produced audio; the specialists only their own task
         assert list((root / stage / "samples").glob("step*/*.wav")), stage
     assert {w.name.split("-")[0] for w in (root / "specialist_t2m" / "samples").glob("step*/*.wav")} == {"t2m"}
+    # the demo recipes score their samples with the demo suite while training (AudioSamples metrics)
+    for stage, task in (("specialist_tts", "tts"), ("specialist_t2m", "t2m"), ("warmup", "v2m")):
+        report = json.loads(next((root / stage / "samples").glob("step*/results.json")).read_text())
+        assert task in {m["task"] for m in report["metrics"]}, stage
+    assert any(k.startswith("val/audio/tts/") for k in runs["specialist_tts"].data.metrics)
 
 
 # ---------------------------------------------------------------------- recipe errors

@@ -9,7 +9,7 @@ from jsonargparse import ArgumentParser
 
 from test_tokenize import FrameEnergyCodec, tone
 from unimoe.data.datamodule import UniMoEDataModule
-from unimoe.data.dataset import ShardDataset
+from unimoe.data.dataset import DrawnDataset, ShardDataset
 from unimoe.data.manifest import ManifestEntry, write_manifest
 from unimoe.data.sequences import SequenceMaker
 from unimoe.data.shards import CodecMismatchError, ShardError
@@ -97,8 +97,8 @@ def test_train_batches_budget_and_per_token_task_ids(shards):
     seen = set()
     for indices, batch in zip(planned, loader):
         assert batch.batch_size * batch.seq_len <= 600
-        for b, idx in enumerate(indices):
-            n = int(batch.lengths[b])
+        for b, draw in enumerate(indices):  # the training batch sampler yields Draws (index, epoch, position)
+            n, idx = int(batch.lengths[b]), draw.index
             assert torch.all(batch.task_ids[b, :n] == dm.layout.task_ids[task_of[idx]])
             assert not batch.attention_mask[b, n:].any()
             seen.add(task_of[idx])
@@ -126,12 +126,12 @@ def test_seed_mix_draws_a_small_balanced_subset(shards):
     dm = _module(shards, mix="seed", seed_size=9)
     bs = dm.train_batch_sampler()
     data = dm._data["train"]
-    drawn = [i for b in bs for i in b]
+    drawn = [d.index for b in bs for d in b]
     assert len(drawn) == 9
     owner = np.searchsorted(np.array(data.offsets), drawn, side="right") - 1
     assert np.bincount(owner, minlength=3).tolist() == [3, 3, 3]
     bs.set_epoch(1)
-    assert sorted(i for b in bs for i in b) == sorted(drawn)  # same subset every epoch
+    assert sorted(d.index for b in bs for d in b) == sorted(drawn)  # same subset every epoch
 
 
 def test_validation_uses_every_example_once_without_drop(shards):
@@ -219,7 +219,8 @@ def test_several_directories_form_one_source(shards, tmp_path):
 
 
 class DDPProbe(L.LightningModule):
-    """Writes, per rank, the codes checksum of every training batch (module level: picklable for spawn)."""
+    """Writes, per rank, the codes checksum of every training batch (module level: picklable for spawn);
+    with condition dropping on, it also shows that each rank dropped the same examples' conditions."""
 
     def __init__(self, out_dir):
         super().__init__()
@@ -236,7 +237,7 @@ class DDPProbe(L.LightningModule):
 
 
 def test_ddp_ranks_get_their_own_equal_share(shards, tmp_path):
-    dm = UniMoEDataModule(sources=shards, model=MODEL, max_tokens=600, mix="raw", seed=4, val_split=None, cond_drop_prob=0.0)
+    dm = UniMoEDataModule(sources=shards, model=MODEL, max_tokens=600, mix="raw", seed=4, val_split=None, cond_drop_prob=0.5)
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         use_distributed_sampler=False)
@@ -248,7 +249,8 @@ def test_ddp_ranks_get_their_own_equal_share(shards, tmp_path):
     plan = list(dm.train_batch_sampler())
     data = dm._data["train"]
     maker = dm.maker(train=True)
-    sums = [int(maker([data.concat[i] for i in b]).audio_codes.sum()) for b in plan]
+    drawn = DrawnDataset(data.concat)  # the draws carry the CFG drop: the same on 1 or 2 ranks
+    sums = [int(maker([drawn[d] for d in b]).audio_codes.sum()) for b in plan]
     assert [int(l.split()[1]) for l in ranks[0]] == sums[0::2][: len(ranks[0])]
     assert [int(l.split()[1]) for l in ranks[1]] == (sums[1::2] + sums[:1])[: len(ranks[1])]
 

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.skipif(
 
 def test_demo_corpus_to_batches(tmp_path, capsys):
     corpus = tmp_path / "corpus"
-    build_demo_corpus(corpus, DemoConfig(speech_clips=12, t2m_clips=5, v2m_clips=5, speakers=2, seed=3), workers=2, progress=False)
+    build_demo_corpus(corpus, DemoConfig(speech_clips=12, t2m_clips=5, v2m_clips=5, music_test_clips=0, music_val_clips=0,
+                                         speakers=2, seed=3), workers=2, progress=False)
     codec = fit_spectral_rvq([corpus / "manifests" / "all.jsonl"], SpectralRVQConfig(num_codebooks=2, codebook_size=32),
                              max_frames=3000, kmeans_iters=3, progress=False)
     codec.save(tmp_path / "codec.pt")

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(
     not (shutil.which("espeak-ng") and shutil.which("fluidsynth")), reason="needs espeak-ng and fluidsynth (scripts/setup.sh)"
 )
 
-TINY = dict(speech_clips=14, t2m_clips=5, v2m_clips=2, speakers=2, seed=7)
+TINY = dict(speech_clips=14, t2m_clips=5, v2m_clips=2, music_test_clips=2, music_val_clips=1, speakers=2, seed=7)
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,8 @@ def rms_db(x):
 def test_manifests_valid_and_complete(corpus):
     out, report = corpus
     all_entries = read_manifest(out / "manifests" / "all.jsonl", check_files=True)
-    assert len(all_entries) == 14 + 5 + 2
-    for task, n in (("tts", 14), ("t2m", 5), ("v2m", 2)):
+    assert len(all_entries) == 14 + (5 + 3) + (2 + 3)
+    for task, n in (("tts", 14), ("t2m", 8), ("v2m", 5)):
         entries = read_manifest(out / "manifests" / f"{task}.jsonl", check_files=True)
         assert len(entries) == n and {e.task for e in entries} == {task}
     info = json.loads((out / "corpus.json").read_text())
@@ -121,7 +121,7 @@ def test_rerun_reuses_files_and_is_deterministic(corpus):
     leftover = out / "speech" / "spk000" / ".tts-spk000-00099.espeak-4242.wav"  # a killed run's temporary
     leftover.write_bytes(b"RIFF")
     again = build_demo_corpus(out, DemoConfig(**TINY), workers=2, progress=False)
-    assert again.made == 0 and again.reused == 21
+    assert again.made == 0 and again.reused == 27
     assert not leftover.exists()
     assert (out / "manifests" / "all.jsonl").read_text() == before
 
@@ -145,3 +145,24 @@ def test_default_size_keeps_speech_music_ratio():
     assert cfg.speech_clips / (cfg.t2m_clips + cfg.v2m_clips) == pytest.approx(10, rel=0.15)
     big = DemoConfig.scaled(4.0)
     assert big.speech_clips == 4 * cfg.speech_clips and big.speakers == 2 * cfg.speakers
+
+
+def test_music_test_split_is_added_on_top_of_an_unchanged_training_split(tmp_path):
+    """The default corpus has >= 16 test pieces per music task (FAD/KL need sets) and 4 val
+    pieces, while the train pieces are exactly those of a corpus without the extras."""
+    _, music_jobs = plan(DemoConfig(), tmp_path)
+    _, without = plan(DemoConfig(music_test_clips=0, music_val_clips=0), tmp_path)
+    def by_split(jobs, split):
+        return {j.entry.id: (j.entry.text, j.params.to_meta()) for j in jobs if j.entry.split == split}
+    assert by_split(music_jobs, "train") == by_split(without, "train")
+    assert by_split(without, "val").items() <= by_split(music_jobs, "val").items()
+    for task in ("t2m", "v2m"):
+        test = [j for j in music_jobs if j.entry.task == task and j.entry.split == "test"]
+        assert len(test) >= 16
+        assert sum(j.entry.task == task and j.entry.split == "val" for j in music_jobs) == 4
+        assert len({j.entry.text for j in test}) == len(test)  # distinct pieces
+    speech_jobs, _ = plan(DemoConfig(), tmp_path)
+    speech_train = sum(j.entry.split == "train" for j in speech_jobs)
+    music_train = sum(j.entry.split == "train" for j in music_jobs)
+    assert speech_train / music_train == pytest.approx(10, rel=0.15)
+    assert DemoConfig.scaled(2.0).music_test_clips == 32 and DemoConfig.scaled(0.5).music_test_clips == 16

@@ -160,6 +160,27 @@ def test_panns_cnn14_random_weights_run_the_real_code_path(tmp_path):
         METRICS.build({"name": "panns_cnn14", "checkpoint_path": str(tmp_path / "none.pth")})
 
 
+class _RunsCode:
+    """Unpickling this calls a function: a weights-only loader must refuse it."""
+
+    def __reduce__(self):
+        return (print, ("unpickled code ran",))
+
+
+@pytestmark_panns
+def test_panns_weights_load_weights_only_and_a_pickle_with_code_is_refused(tmp_path):
+    reference = METRICS.build({"name": "panns_cnn14", "random_init": True, "seed": 3, "device": "cpu"})
+    good = tmp_path / "Cnn14.pth"  # the released file's layout: {"model": state_dict, "iteration": int}
+    torch.save({"model": reference._net.state_dict(), "iteration": np.int64(660000)}, good)
+    loaded = METRICS.build({"name": "panns_cnn14", "checkpoint_path": str(good), "device": "cpu"})
+    for name, tensor in reference._net.state_dict().items():
+        assert torch.equal(loaded._net.state_dict()[name], tensor), name
+    bad = tmp_path / "evil.pth"
+    torch.save({"model": reference._net.state_dict(), "extra": _RunsCode()}, bad)
+    with pytest.raises(BackendUnavailableError, match="weights_only=True"):
+        METRICS.build({"name": "panns_cnn14", "checkpoint_path": str(bad), "device": "cpu"})
+
+
 class TinyXVector(torch.nn.Module):
     """Stands in for WavLMForXVector: same call signature and ``.embeddings`` output."""
 

@@ -46,7 +46,7 @@ def test_cli_demo_suite_writes_json_markdown_and_mlflow(corpus, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     data = json.loads((out / "results.json").read_text())
-    values = data["values"]
+    values = data["values"]  # the demo suite scores per task: "<task>/<key>"
     by_key = {m["key"]: m for m in data["metrics"]}
 
     # item accounting: 5 test items with audio, u9 has none, the train line is ignored
@@ -57,22 +57,26 @@ def test_cli_demo_suite_writes_json_markdown_and_mlflow(corpus, capsys):
     # Bounds, not values (kernels differ by CPU; see test_eval_backends.py): measured WER 0.06
     # (1 word of 17) in float32 and int8; reversed speech or noise gives 1.0. SIM is a ranking
     # (same voice 0.88-0.93 vs other voice 0.59-0.67); DNSMOS only its 1-5 scale.
-    assert values["wer_whisper_base"] <= 0.25 and by_key["wer_whisper_base"]["n_scored"] == 2
-    assert 0.0 <= values["wer_pocketsphinx"] <= 2.0
+    assert values["tts/wer_whisper_base"] <= 0.25 and by_key["wer_whisper_base"]["n_scored"] == 2
+    assert by_key["wer_whisper_base"]["task"] == "tts"
+    assert 0.0 <= values["tts/wer_pocketsphinx"] <= 2.0
     # SIM: u1 has the prompt's voice, u2 another voice
     sim = by_key["sim_resemblyzer"]["per_item"]
     assert sim["u1"]["sim_resemblyzer"] > sim["u2"]["sim_resemblyzer"] + 0.1
-    assert 1.0 <= values["dnsmos_ovrl"] <= 5.0
-    # music: the generated clips reproduce their references exactly
-    assert values["fad_mel_stats"] == pytest.approx(0.0, abs=1e-6)
-    assert values["kl_mel_bands"] == pytest.approx(0.0, abs=1e-4)
-    assert by_key["fad_mel_stats"]["n_scored"] == 3
+    assert 1.0 <= values["tts/dnsmos_ovrl"] <= 5.0
+    # music on the aiSFX CNN: the generated clips reproduce their references exactly
+    assert values["t2m/fad_aisfx"] == pytest.approx(0.0, abs=1e-6)
+    assert values["t2m/kl_aisfx"] == pytest.approx(0.0, abs=1e-4)  # <= log(1 + 78 eps), the smoothing
+    assert by_key["fad_aisfx"]["n_scored"] == 3 and "fad_mel_stats" not in by_key  # no fallback needed
+    # CLAP keeps its real backend, which has no weights offline: reported, never a proxy
+    clap = by_key["clap_laion"]
+    assert clap["value"] is None and clap["unavailable"] == "unavailable offline" and "t2m/clap_laion" not in values
 
     # the backend that produced each number is named in JSON and Markdown
     assert "Whisper base" in by_key["wer_whisper_base"]["backend_description"]
     md = (out / "results.md").read_text()
-    for needle in ("| WER (`wer_whisper_base`) ↓ |", "pocketsphinx", "Resemblyzer", "DNSMOS", "mel_stats",
-                   "no learned weights", "| u9 | * |"):
+    for needle in ("| WER (`wer_whisper_base`) ↓ | tts |", "pocketsphinx", "Resemblyzer", "DNSMOS", "aiSFX CNN",
+                   "| CLAP (`clap_laion`) ↑ | t2m | unavailable offline |", "| u9 | * |"):
         assert needle in md, needle
     assert md.strip() in printed  # the table is also printed
 

@@ -20,7 +20,7 @@ from unimoe.evaluation import ManifestError, run_suite
 from unimoe.evaluation.backends.base import ASRBackend
 from unimoe.evaluation.errors import BackendUnavailableError, EvaluationError
 from unimoe.evaluation.manifest import pair_with_references, read_eval_manifest
-from unimoe.evaluation.runner import load_checkpoint_generator
+from unimoe.evaluation.runner import load_checkpoint_generator, unavailable_label
 from unimoe.evaluation.suite import load_suite, parse_suite
 from unimoe.registry import METRICS
 
@@ -316,3 +316,78 @@ def test_lines_written_by_the_training_manifest_code_are_read_as_references(tmp_
     assert item.reference_audio == refs.parent / "../speech/u.wav"
     assert item.speaker_reference == refs.parent / "../speech/p.wav"
     assert item.extra["meta"] == {"voice": "en-us"} and item.extra["prompt_text"] == "We saw forty books."
+
+
+class MissingBackend(ASRBackend):
+    """A backend whose weights are never present (stands in for a missing package)."""
+
+    def __init__(self) -> None:
+        raise BackendUnavailableError("test weights are not installed")
+
+    def transcribe(self, wav, language=None):  # pragma: no cover - never built
+        raise AssertionError
+
+
+def test_fallback_backend_is_scored_under_its_own_key_and_labelled(tmp_path, music_dir):
+    rows = [{"id": f"g{i}", "task": "t2m", "audio": str(music_dir / f"gen{i}.wav"),
+             "reference_audio": str(music_dir / f"ref{i}.wav")} for i in range(4)]
+    manifest = write_jsonl(tmp_path / "e.jsonl", rows)
+    missing = "test_eval_runner.MissingBackend"
+    suite = _suite([{"metric": "fad", "key": "fad_fancy", "backend": missing,
+                     "fallback": {"backend": "mel_stats", "key": "fad_mel_stats"}, "options": {"pooling": "clip"}}])
+    report = run_suite(suite, manifest=manifest, out_dir=tmp_path / "o", mlflow=False, log=lambda m: None)
+    primary, fallback = report.metrics
+    assert primary.value is None and primary.unavailable == "unavailable offline"  # not an offline backend
+    assert "test weights are not installed" in primary.error
+    direct = run_suite(_suite([{"metric": "fad", "backend": "mel_stats", "options": {"pooling": "clip"}}]),
+                       manifest=manifest, out_dir=tmp_path / "d", mlflow=False, log=lambda m: None).metrics[0]
+    assert fallback.key == "fad_mel_stats" and fallback.value == pytest.approx(direct.value)
+    assert fallback.details["pooling"] == "clip"  # the entry's options carry over
+    assert fallback.backend_description.startswith("FALLBACK for fad_fancy") and fallback.details["fallback_for"] == "fad_fancy"
+    assert report.values() == {"fad_mel_stats": fallback.value}
+    md = (tmp_path / "o" / "results.md").read_text()
+    assert "| FAD (`fad_fancy`) ↓ | unavailable offline |" in md and "FALLBACK for fad_fancy" in md
+    with pytest.raises(EvaluationError, match="must differ from the entry's key"):
+        _suite([{"metric": "fad", "backend": missing, "fallback": {"backend": "mel_stats", "key": "fad"}}])
+    with pytest.raises(EvaluationError, match="unknown key"):
+        _suite([{"metric": "fad", "backend": missing, "fallback": {"backend": "mel_stats", "keys": "x"}}])
+
+
+def test_per_metric_on_unavailable_overrides_the_suite(tmp_path, music_dir):
+    manifest = write_jsonl(tmp_path / "e.jsonl", [{"id": "a", "task": "tts", "audio": str(music_dir / "gen0.wav"),
+                                                   "text": "hello world"}])
+    missing = "test_eval_runner.MissingBackend"
+    strict = _suite([{"metric": "wer", "backend": missing}])
+    with pytest.raises(BackendUnavailableError, match="test weights"):
+        run_suite(strict, manifest=manifest, out_dir=tmp_path / "o", mlflow=False, log=lambda m: None)
+    lenient = _suite([{"metric": "wer", "backend": missing, "on_unavailable": "skip"},
+                      {"metric": "wer", "key": "wer2", "backend": "test_lookup_asr"}])
+    report = run_suite(lenient, manifest=manifest, out_dir=tmp_path / "o2", mlflow=False, log=lambda m: None,
+                       backends={"wer2": LookupASR(["hello world"])})
+    assert report.metrics[0].unavailable == "unavailable offline" and report.values() == {"wer2": 0.0}
+    # an offline backend (weights in a package) that cannot load is "unavailable"; a hub one "unavailable offline"
+    assert unavailable_label("aisfx") == "unavailable" and unavailable_label({"name": "mel_stats"}) == "unavailable"
+    assert unavailable_label({"class_path": "laion_clap", "init_args": {}}) == "unavailable offline"
+    with pytest.raises(EvaluationError, match="on_unavailable must be"):
+        _suite([{"metric": "wer", "backend": missing, "on_unavailable": "ignore"}])
+
+
+def test_by_task_scores_each_task_on_its_own_items(tmp_path, music_dir):
+    rows = [{"id": f"{task}{i}", "task": task, "audio": str(music_dir / f"gen{i}.wav"),
+             "reference_audio": str(music_dir / f"ref{i}.wav")} for task, ids in (("t2m", (0, 1)), ("v2m", (2, 3)))
+            for i in ids]
+    manifest = write_jsonl(tmp_path / "e.jsonl", rows)
+    report = run_suite(_suite([{"metric": "kl", "backend": "mel_stats"}], by_task=True), manifest=manifest,
+                       out_dir=tmp_path / "o", mlflow=False, log=lambda m: None)
+    t2m, v2m = report.metrics
+    assert (t2m.task, v2m.task) == ("t2m", "v2m") and t2m.n_items == v2m.n_items == 2
+    for result, task in ((t2m, "t2m"), (v2m, "v2m")):  # each equals a run on that task's lines only
+        alone = run_suite(_suite([{"metric": "kl", "backend": "mel_stats"}]),
+                          manifest=write_jsonl(tmp_path / f"{task}.jsonl", [r for r in rows if r["task"] == task]),
+                          out_dir=tmp_path / task, mlflow=False, log=lambda m: None).metrics[0]
+        assert result.value == pytest.approx(alone.value)
+    assert set(report.values()) == {"t2m/kl", "v2m/kl"}
+    md = (tmp_path / "o" / "results.md").read_text()
+    assert "| metric | task | value |" in md and "| KL ↓ | v2m |" in md
+    with pytest.raises(EvaluationError, match="by_task must be"):
+        _suite([{"metric": "kl", "backend": "mel_stats"}], by_task="yes")

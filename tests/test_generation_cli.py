@@ -85,6 +85,16 @@ def test_batch_requests_all_tasks(ckpt, tmp_path):
         assert sf.info(str(out / m["audio"])).samplerate == SR
 
 
+def test_expert_budget_and_cache_options(ckpt, tmp_path):
+    out = tmp_path / "out"
+    assert main(["--ckpt", str(ckpt), "--task", "t2m", "--text", "calm piano", "--out", str(out), "--cache", "dynamic",
+                 "--experts-per-token", "1.2", "--max-seconds", "0.5", "--min-seconds", "0.5", "--device", "cpu"]) == 0
+    meta = json.loads((out / "clip.json").read_text())
+    assert meta["cache"] == "dynamic" and meta["compiled"] is False and meta["router_top_p"] is None
+    assert meta["settings"]["experts_per_token"] == 1.2 and meta["expert_budget"]["target"] == 1.2
+    assert meta["expert_budget"]["batch_mean"] == pytest.approx(meta["activated_experts_per_token"], abs=1e-3)
+
+
 def test_evaluation_seam_skips_unservable_requests(ckpt, tmp_path):
     generator = build_generator(str(ckpt), device="cpu", max_seconds=0.05, temperature=0.0)
     assert isinstance(generator, GeneratorProtocol)
@@ -129,6 +139,11 @@ def test_bad_inputs_give_clear_errors(ckpt, tmp_path, capsys):
     assert "'prompt_audio'" in err and "does not use it" in err
     err = run_error(["--ckpt", str(ckpt), "--task", "t2m", "--text", "x", "--top-p", "0", *out], capsys)
     assert "top_p" in err
+    err = run_error(["--ckpt", str(ckpt), "--task", "t2m", "--text", "x", "--experts-per-token", "2",
+                     "--top-p-router", "0.5", *out], capsys)
+    assert "experts_per_token and router_top_p" in err
+    err = run_error(["--ckpt", str(ckpt), "--task", "t2m", "--text", "x", "--compile", "--cache", "dynamic", *out], capsys)
+    assert "compile needs the static KV cache" in err
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "a", "task": "t2m", "text": "x"}) + "\n"
                    + json.dumps({"id": "a", "task": "t2m", "txt": "x"}) + "\n" + "{oops\n")

@@ -74,7 +74,7 @@ def test_cached_logits_equal_full_recomputation_every_step(preset):
     model = tiny_model(preset)
     cond, uncond = prompts(model)  # three prompts of different lengths, with CFG rows
     out = decode(model, cond, uncond, sampling(), max_frames=[7, 9, 5], cfg_scale=3.0, keep_trace=True,
-                 generators=[torch.Generator().manual_seed(s) for s in (0, 1, 2)])
+                 seeds=[0, 1, 2])
     history = {i: [] for i in range(3)}
     checked = 0
     for t in out.trace:
@@ -149,7 +149,7 @@ def test_eos_never_drawn_unless_argmax():
     bias[0, 16] = 4.5  # EOS: second best, ~38% of the mass at temperature 1
     bias_head(model, bias)
     out = decode(model, cond, None, sampling(), max_frames=[25] * 3,
-                 generators=[torch.Generator().manual_seed(s) for s in range(3)])
+                 seeds=[0, 1, 2])
     assert out.stop_reasons == ["max_frames"] * 3 and out.num_frames == [25] * 3
     for seg in out.segments:
         check_segment(seg, 25, model)

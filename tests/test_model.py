@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from unimoe.model.config import AudioLMConfig
 from unimoe.model.delay import CodecSpecials
 from unimoe.model.tasks import IGNORE_INDEX, Modality, TaskIds, build_task_builder, collate
+from unimoe.model.kv_cache import StaticKVCache
 
 TASK_IDS = TaskIds.legacy()  # what a builder uses without a model's table
 from unimoe.model.transformer import Attention, AudioLM, KVCache, apply_rope, rope_cos_sin
@@ -264,6 +265,34 @@ def test_cache_write_positions_follow_row_lengths():
     assert mask[1, 0, 1].tolist() == [True] * 5
 
 
+def test_static_cache_writes_in_place_and_reads_what_the_dynamic_one_reads(monkeypatch):
+    dyn, static = KVCache(2, 2, 1, 4, 8), StaticKVCache(2, 2, 1, 4, 8, rope_theta=10_000.0)
+    buffers = [static.k0.data_ptr(), static.v1.data_ptr()]
+    for cache in (dyn, static):
+        cache.lengths = torch.tensor([1, 3]) if cache is dyn else cache.lengths.copy_(torch.tensor([1, 3]))
+        cache._bound = 3
+    pos = static.positions(2)
+    assert pos.tolist() == dyn.positions(2).tolist() == [[1, 2], [3, 4]]
+    k = torch.arange(16, dtype=torch.float32).view(2, 1, 2, 4)
+    for layer in (0, 1):
+        kd, vd = dyn.write(layer, pos, k + layer, -k)
+        ks, vs = static.write(layer, pos, k + layer, -k)
+        assert torch.equal(kd, ks) and torch.equal(vd, vs) and ks.shape[2] == 5  # eager: the used prefix only
+    assert [static.k0.data_ptr(), static.v1.data_ptr()] == buffers  # written in place
+    assert torch.equal(static.attention_mask(pos), dyn.attention_mask(pos))
+    cos, sin = static.rope(pos)
+    ref_cos, ref_sin = rope_cos_sin(pos, 4, 10_000.0, torch.float32)
+    assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)  # the table holds what RoPE computes
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # while tracing: every slot, fixed shapes
+    assert static.write(0, pos, k, k)[0].shape[2] == 8 and static.attention_mask(pos).shape[-1] == 8
+    monkeypatch.undo()
+    static.advance(5)
+    with pytest.raises(ValueError, match="StaticKVCache is full"):
+        static.attention_mask(static.positions(1))
+    with pytest.raises(TypeError, match="keeps its rows"):
+        static.select(torch.tensor([0]))
+
+
 def test_text_head_is_optional_and_bad_inputs_fail_clearly():
     model = make(text_head=True)
     batch = collate(mixed_sequences(model.config)[:1])
@@ -318,3 +347,13 @@ def test_config_parses_from_yaml_with_jsonargparse():
     assert isinstance(config, AudioLMConfig) and config.moe.num_routed_experts == 2 and config.delays == [0, 2]
     model = AudioLM(config)
     assert model.blocks[0].is_moe and model.blocks[0].ffn.top_p == 0.5
+
+
+def test_single_query_attention_equals_sdpa():
+    from unimoe.model.transformer import single_query_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 4, 1, 8), torch.randn(3, 2, 7, 8), torch.randn(3, 2, 7, 8)
+    mask = torch.arange(7).view(1, 1, 1, 7) <= torch.tensor([2, 6, 4]).view(3, 1, 1, 1)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(single_query_attention(q, k, v, mask), want, atol=1e-6, rtol=1e-5)

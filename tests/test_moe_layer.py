@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from unimoe.moe import MoEConfig, build_moe_layer
+from unimoe.moe.dispatch import dispatch
 
 D, F_ROUTED, F_SHARED, E_ROUTED = 16, 24, 16, 4
 
@@ -103,6 +104,50 @@ CASES = [
 @pytest.mark.parametrize("rule,k_or_p,null,shared,gating,padded", CASES)
 @pytest.mark.parametrize("impl", ["auto", "loop"])
 def test_layer_matches_per_token_reference(rule, k_or_p, null, shared, gating, padded, impl):
+    check_against_reference(rule, k_or_p, null, shared, gating, padded, impl, "auto")
+
+
+@pytest.mark.parametrize("rule,k_or_p,null,shared,gating,padded", CASES)
+@pytest.mark.parametrize("path", ["grouped", "small_batch", "dense"])
+def test_every_expert_path_matches_per_token_reference(rule, k_or_p, null, shared, gating, padded, path):
+    """The decoding paths (few rows) compute the same layer, forward and backward, as the grouped one."""
+    check_against_reference(rule, k_or_p, null, shared, gating, padded, "auto", path)
+
+
+def test_dispatch_path_is_chosen_by_row_count(monkeypatch):
+    layer = build_moe_layer(D, MoEConfig(num_routed_experts=E_ROUTED, routed_intermediate_size=F_ROUTED,
+                                         num_shared_experts=0, small_batch_rows=8))
+    assert [layer.dispatch_path(r) for r in (1, 8, 9, 4096)] == ["small_batch", "small_batch", "grouped", "grouped"]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert layer.dispatch_path(4) == "dense"  # no host sync while a graph is traced
+    layer.small_batch_capable = False  # e.g. a plug-in expert group without the single-expert methods
+    assert layer.dispatch_path(1) == "grouped"
+    with pytest.raises(ValueError, match="dispatch"):
+        MoEConfig(dispatch="fast")
+
+
+def test_an_injected_dispatcher_takes_every_forward():
+    """Expert parallelism installs its own dispatcher; the few-row paths (all experts local) then never run."""
+    layer = build_moe_layer(D, MoEConfig(num_routed_experts=E_ROUTED, routed_intermediate_size=F_ROUTED,
+                                         num_shared_experts=0)).eval()  # eval: no router jitter
+    calls = []
+
+    def recording(x, selected, weights, slots):
+        calls.append(x.shape[0])
+        return dispatch(x, selected, weights, slots)
+
+    x = torch.randn(1, 2, D)
+    local, _ = layer(x)
+    layer.dispatcher = recording
+    assert layer.dispatch_path(2) == "grouped"
+    injected, _ = layer(x)
+    assert calls == [2] and torch.allclose(local, injected, atol=1e-6)
+    layer.dispatch = "small_batch"
+    with pytest.raises(ValueError, match="expert parallelism"):
+        layer(x)
+
+
+def check_against_reference(rule, k_or_p, null, shared, gating, padded, impl, path):
     torch.manual_seed(zlib.crc32(repr((rule, k_or_p, null, shared, gating, padded)).encode()))
     router = {"name": rule, ("top_p" if rule == "top_p" else "top_k"): k_or_p, "jitter": 0.0}
     cfg = MoEConfig(
@@ -114,6 +159,7 @@ def test_layer_matches_per_token_reference(rule, k_or_p, null, shared, gating, p
         router=router,
         shared_gating=gating,
         grouped_mm=impl,
+        dispatch=path,
     )
     layer = build_moe_layer(D, cfg)
     with torch.no_grad():  # peaked gates, so some tokens use 1 expert and some only the null one

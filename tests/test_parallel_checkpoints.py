@@ -49,9 +49,9 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ep2_run(tmp_path_factory, data):
-    """3 uninterrupted steps on 2 ranks with expert parallelism 2 (checkpoint kept at step 2)."""
+    """3 uninterrupted steps on 2 ranks with expert parallelism 2 (checkpoints kept at every step)."""
     work = tmp_path_factory.mktemp("ep2")
-    fit(work, "u", parallel_stage(data, work / "u", world=2, ep=2, steps=3))
+    fit(work, "u", parallel_stage(data, work / "u", world=2, ep=2, steps=3, every=1))
     return work
 
 

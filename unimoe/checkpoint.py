@@ -36,7 +36,7 @@ from typing import Any, Optional
 
 import torch
 
-from unimoe.atomic import atomic_path
+from unimoe.atomic import atomic_path, fault_point, folder_write_errors
 from unimoe.model.config import AudioLMConfig
 from unimoe.moe.config import MoEConfig
 from unimoe.model.tasks import TaskIds
@@ -289,7 +289,10 @@ def read_model_folder(folder: str | Path) -> ModelFile:
 # ---------------------------------------------------------------------- writing
 def save_model_checkpoint(path: str | Path, model: torch.nn.Module, metadata: CheckpointMetadata) -> Path:
     """Write a standalone ``.ckpt`` (same layout as a stage's Lightning checkpoint), atomically."""
+    from unimoe.finite import check_finite_weights
+
     path = Path(path)
+    check_finite_weights(model.state_dict(), str(path))  # a NaN checkpoint never replaces a good one
     payload = {
         "state_dict": {MODEL_PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()},
         METADATA_KEY: metadata.to_dict(),
@@ -317,23 +320,28 @@ def save_model_folder(
     tensors = state.state_dict() if isinstance(state, torch.nn.Module) else dict(state)
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    from unimoe.finite import check_finite_weights
+
+    check_finite_weights(tensors, str(path))  # a NaN model never replaces a good one
     config = {"format": FOLDER_FORMAT, **metadata.to_dict()}
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        save_safetensors(tmp / FOLDER_WEIGHTS, tensors, metadata={"format": "pt", "unimoe": FOLDER_FORMAT})
-        (tmp / FOLDER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not path.exists():
-            os.replace(old, path)  # put the previous model back
-        raise
+    with folder_write_errors(path, tmp):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+            save_safetensors(tmp / FOLDER_WEIGHTS, tensors, metadata={"format": "pt", "unimoe": FOLDER_FORMAT})
+            (tmp / FOLDER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            fault_point(path)
+            if path.exists():
+                os.replace(path, old)
+            os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old.exists() and not path.exists():
+                os.replace(old, path)  # put the previous model back
+            raise
     shutil.rmtree(old, ignore_errors=True)
     return path
 

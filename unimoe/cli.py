@@ -64,7 +64,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = _resolve(COMMANDS[name][0])
     if COMMANDS[name][0].endswith("run_lightning_cli"):
         rest = [name, *rest]  # LightningCLI parses its own subcommand
-    result = handler(rest)
+    from unimoe.atomic import OutputWriteError
+
+    try:
+        result = handler(rest)
+    except OutputWriteError as exc:  # disk full, read-only folder: one clear line, the old file kept
+        print(f"unimoe {name}: error: {exc}", file=sys.stderr)
+        return 1
     return int(result or 0)
 
 

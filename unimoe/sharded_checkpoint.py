@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from unimoe.atomic import fault_point
+
 META_FILE = "meta.pt"
 """Lightning's name for the non-tensor part of a sharded checkpoint (``lightning.fabric.utilities.load``)."""
 STATE_PREFIX = "state_dict."
@@ -165,6 +167,7 @@ def swap_in(staged: Path, path: Path) -> None:
     A kill between the renames leaves ``.<name>.previous`` and no ``path``: :func:`recover_swap`
     (called by every reader) puts the previous checkpoint back.
     """
+    fault_point(path)  # the fault-injection harness's "killed inside this checkpoint's write"
     previous = _previous_path(path)
     if previous.exists():
         shutil.rmtree(previous) if previous.is_dir() else previous.unlink()

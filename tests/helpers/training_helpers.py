@@ -6,6 +6,7 @@ import signal
 from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
 
 
 class KillOnce(Callback):
@@ -29,6 +30,28 @@ class KillOnce(Callback):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+class MemoryLogger(Logger):
+    """Keeps every ``log_metrics`` call as ``(step, metrics)`` and the hyperparameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows, self.params = [], {}
+
+    @property
+    def name(self):
+        return "memory"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        self.params.update(params if isinstance(params, dict) else vars(params))
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append((step, dict(metrics)))
+
+
 # ---------------------------------------------------------------------- tiny real data
 TINY_MODEL = {
     "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 128,
@@ -46,29 +69,13 @@ def tiny_data(base: Path) -> Path:
     """
     import fcntl
 
+    from unimoe.data.demo.tiny import build_tiny_data
+
     root = base / "tiny_data"
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (root / "READY").exists():
-            return root
-        from unimoe.codecs.spectral_rvq import SpectralRVQConfig, fit_spectral_rvq
-        from unimoe.data.demo.build import DemoConfig, build_demo_corpus
-        from unimoe.data.tokenize import tokenize_manifest
-
-        cfg = DemoConfig(speech_clips=24, t2m_clips=6, v2m_clips=5, speakers=2, speech_max_seconds=2.5,
-                         music_min_seconds=2.0, music_max_seconds=3.0)
-        build_demo_corpus(root / "corpus", cfg, progress=False)
-        codec_cfg = SpectralRVQConfig(hop_length=640, n_fft=1280, n_mels=40, num_codebooks=4, codebook_size=16)
-        codec = fit_spectral_rvq([root / "corpus" / "manifests" / "all.jsonl"], codec_cfg, max_frames=3000,
-                                 kmeans_iters=3, progress=False)
-        codec.save(root / "codec.pt")
-        for task in ("tts", "t2m", "v2m"):
-            tokenize_manifest(root / "corpus" / "manifests" / f"{task}.jsonl",
-                              {"name": "spectral_rvq", "path": str(root / "codec.pt")}, root / "shards" / task,
-                              progress=False)
-        (root / "READY").write_text("ok")
-    return root
+        fcntl.flock(lock, fcntl.LOCK_EX)  # test modules in several processes share it
+        return build_tiny_data(root)
 
 
 class LossRecorder(Callback):
@@ -106,8 +113,6 @@ def parallel_stage(data: Path, root: Path, world: int, ep: int, steps: int, *, e
         "data": {"class_path": "unimoe.data.datamodule.UniMoEDataModule", "init_args": {
             "sources": {t: str(data / "shards" / t) for t in ("tts", "t2m", "v2m")}, "model": TINY_MODEL,
             "max_tokens": 2048, "samples_per_epoch": 96, "val_split": "val" if validate else None, "test_split": None,
-            # the CFG condition drop draws from a per-process random stream that restarts with the process, so
-            # a resumed run would drop other conditions than the uninterrupted one 
             "cond_drop_prob": 0.0}},
         "trainer": {"accelerator": "cpu", "devices": world, "strategy": strategy, "use_distributed_sampler": False,
                     "max_steps": steps, "logger": False, "enable_progress_bar": False, "num_sanity_val_steps": 0,

@@ -1,16 +1,29 @@
-"""Generation benchmark: KV cache vs full recomputation, and lowered router top-p (adaptive compute).
+"""Generation benchmark: unimoe's real decoding loop against a peer decoder, caches, batches and budgets.
 
-One model (a randomly initialised preset, optionally with fewer layers), one set of prompts,
-and three variants of the real decoding loop (:func:`unimoe.generation.decode`), timed
-round-robin in the same process (median of repeats) so the ratios survive load drift:
+Every number comes from :func:`unimoe.generation.decode` (or the peer decoder) on randomly
+initialised models, variants of a section timed round-robin in one process (median of
+repeats), so ratios survive load drift. Sections (``--sections``, all by default):
 
-* ``cache``            KV-cache decoding, the routers' trained top-p
-* ``no_cache``         the whole sequence recomputed every step (what the cache saves)
-* ``cache_low_top_p``  KV-cache decoding with the routers' top-p lowered (fewer experts per token)
+* ``peer``      the matched size (hidden 256, 4 layers, 4 heads, 8 codebooks x 1024, batch 1,
+                no CFG, KV cache, ``--frames`` frames, temperature 1, top-k 250 as AudioCraft's
+                defaults): unimoe eager, unimoe compiled, and :mod:`unimoe.bench.reference_decoder`
+                (a MusicGen-style decoder doing what AudioCraft's ``LMModel`` does per step); also
+                PyTorch ops per frame of each (profiler counts, one extra run).
+* ``cache``     the matched model: KV cache vs recomputing the sequence, ``--cache-frames`` frames.
+* ``batch``     the matched model with CFG at ``--batch-sizes`` requests: requests/s and frames/s,
+                eager (and compiled with ``--compile``).
+* ``moe``       a size where the routed experts dominate the step (:func:`moe_config`: hidden
+                1024, 2 layers, 8 routed experts of 1024 + 1 null + 2 shared of 512), batch 1:
+                router top-p ``--top-p`` values vs the expert budget ``--budget`` (experts/token
+                reached and its error).
+* ``dispatch``  that model's MoE layer alone at 1..128 rows: the grouped, small-batch and dense
+                expert paths (what ``MoEConfig.small_batch_rows`` is chosen from).
+* ``gpu``       only on CUDA: bf16 eager vs compiled at batch 1 and 32 (frames/s, real-time factor).
 
-Every request generates exactly ``--frames`` frames (EOS is held back until then and forced
-there), so the variants do the same number of steps. Real-time factor = seconds of compute
-per second of audio at ``--frame-rate`` (the codec is not timed: this measures the LM).
+Every request generates exactly its frame count (EOS held back, then forced), so variants
+do the same steps. Real-time factor = seconds of LM compute per second of audio at
+``--frame-rate`` (the codec is not timed). ``--timer auto`` is process CPU time on a CPU with
+one thread (steadier on a shared machine), else wall time.
 """
 
 from __future__ import annotations
@@ -22,17 +35,20 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 
+from unimoe.bench.reference_decoder import ReferenceDecoder, ReferenceDecoderConfig
 from unimoe.devices import resolve_device
 from unimoe.generation.decode import DecodeOutput, decode
-from unimoe.generation.generator import effective_router_top_p, inference_mode
+from unimoe.generation.generator import inference_mode
 from unimoe.generation.sampling import CodebookSampling
 from unimoe.generation.settings import GenerationSettings
 from unimoe.model.config import AudioLMConfig
 from unimoe.model.tasks import build_task_builder
 from unimoe.model.transformer import AudioLM
+from unimoe.moe.config import MoEConfig
 
 CAPTIONS = [
     "calm solo piano, slow tempo, soft dynamics",
@@ -41,45 +57,119 @@ CAPTIONS = [
     "lo-fi beat",
 ]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SECTIONS = ("peer", "cache", "batch", "moe", "dispatch", "gpu")
 
 
 @dataclass
 class GenerateBenchConfig:
-    preset: str = "small-moe"
-    layers: int = 4
-    """Keep only this many layers of the preset (0 = all): same widths, shorter run."""
-    requests: int = 2
-    frames: int = 48
-    frame_rate: float = 50.0
-    """Codec frames per second for the real-time factor (spectral_rvq's default is 50)."""
+    sections: str = "peer,cache,batch,moe,dispatch,gpu"
+    frames: int = 250
+    """Frames per request in ``peer``, ``moe`` and ``gpu`` (250 = 5 s at 50 Hz)."""
+    cache_frames: int = 500
+    batch_sizes: str = "1,8,32"
+    batch_frames: int = 100
     cfg_scale: float = 3.0
-    low_top_p: float = 0.3
+    """Guidance of the ``batch`` and ``gpu`` sections (two rows per request)."""
+    top_p: str = "0.7,0.3"
+    budget: float = 2.0
+    moe_layers: int = 2
+    dispatch_rows: str = "1,2,4,8,16,32,64,128"
+    compile: bool = True
+    """Include the compiled decoder (the first compile of each shape is not timed: it is warm-up)."""
+    reference: bool = True
     repeats: int = 3
     warmup: int = 1
-    """Untimed cached runs before timing (first-call allocations)."""
+    frame_rate: float = 50.0
     dtype: str = "fp32"
     device: str = "auto"
-    threads: int = 0
+    threads: int = 1
     """torch intra-op threads (0 = leave torch's default)."""
-    timer: str = "wall"
-    """``wall`` (perf_counter) or ``cpu`` (process CPU time: steadier on a shared, contended CPU with --threads 1)."""
+    timer: str = "auto"
     seed: int = 0
 
 
-def build_model(cfg: GenerateBenchConfig) -> AudioLM:
-    overrides = {"num_layers": cfg.layers} if cfg.layers else {}
+# ---------------------------------------------------------------------- models
+def peer_config() -> AudioLMConfig:
+    """unimoe at the peer's size: hidden 256, 4 layers, 4 heads (no GQA), a SwiGLU with the
+    parameters of a 4x GELU FFN (688 ~ 2/3 of 1024), 8 codebooks x 1024, delays 0..7."""
+    return AudioLMConfig(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=688,
+                         num_codebooks=8, codebook_size=1024, delays=list(range(8)), max_seq_len=2048)
+
+
+def moe_config(layers: int = 2) -> AudioLMConfig:
+    """A step dominated by routed experts: hidden 1024, 8 routed experts of 1024 + 1 null + 2 shared of 512."""
+    moe = MoEConfig(num_routed_experts=8, routed_intermediate_size=1024, num_null_experts=1, num_shared_experts=2,
+                    shared_intermediate_size=512, router={"name": "top_p", "top_p": 0.7})
+    return AudioLMConfig(hidden_size=1024, num_layers=layers, num_heads=8, num_kv_heads=2, intermediate_size=2816,
+                         num_codebooks=8, codebook_size=1024, delays=list(range(8)), max_seq_len=2048, moe=moe)
+
+
+def _model(config: AudioLMConfig, cfg: GenerateBenchConfig, device, dtype) -> AudioLM:
     torch.manual_seed(cfg.seed)
-    return AudioLM(AudioLMConfig.from_preset(cfg.preset, **overrides)).eval()
+    return AudioLM(config).to(device=device, dtype=dtype).eval()
 
 
-def _run(model: AudioLM, prompts, sampling, cfg: GenerateBenchConfig, *, use_cache: bool, top_p: float | None) -> DecodeOutput:
+def _prompts(model: AudioLM, n: int):
+    t2m = build_task_builder("t2m", model.config)
+    pairs = [t2m.cfg_prefixes(text=CAPTIONS[i % len(CAPTIONS)]) for i in range(n)]
+    return [c for c, _ in pairs], [u for _, u in pairs]
+
+
+# ---------------------------------------------------------------------- timing
+class Timer:
+    """Seconds of one call: process CPU time or wall time (CUDA synchronised)."""
+
+    def __init__(self, kind: str, device: torch.device) -> None:
+        if kind == "auto":
+            kind = "cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall"
+        if kind not in ("cpu", "wall"):
+            raise ValueError(f"--timer must be auto, cpu or wall, got {kind!r}")
+        self.kind, self.device = kind, device
+
+    def __call__(self, fn: Callable[[], object]) -> tuple[float, object]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        clock = time.process_time if self.kind == "cpu" else time.perf_counter
+        start = clock()
+        result = fn()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return clock() - start, result
+
+
+def round_robin(variants: dict[str, Callable[[], object]], cfg: GenerateBenchConfig, timer: Timer) -> tuple[dict, dict]:
+    """Warm up each variant, then time them alternately: ``({name: median seconds}, {name: last result})``."""
+    for _ in range(cfg.warmup):
+        for fn in variants.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    last: dict[str, object] = {}
+    for _ in range(cfg.repeats):
+        for name, fn in variants.items():
+            seconds, last[name] = timer(fn)
+            times[name].append(seconds)
+    return {name: statistics.median(t) for name, t in times.items()}, last
+
+
+def ops_per_frame(fn: Callable[[], object], frames: int) -> float:
+    """ATen operator calls (nested ones included, as the profiler counts them) per generated frame."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return round(sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / frames, 1)
+
+
+def _decode(model, prompts, sampling, frames: int, *, cfg_scale: float = 1.0, **kwargs) -> DecodeOutput:
     cond, uncond = prompts
-    device = model.audio_head.weight.device
-    with inference_mode(model, top_p):
-        return decode(model, cond, uncond if cfg.cfg_scale != 1.0 else None, sampling,
-                      max_frames=[cfg.frames] * len(cond), min_frames=cfg.frames, cfg_scale=cfg.cfg_scale,
-                      use_cache=use_cache,
-                      generators=[torch.Generator(device=device).manual_seed(cfg.seed + i) for i in range(len(cond))])
+    return decode(model, cond, uncond if cfg_scale != 1.0 else None, sampling, max_frames=[frames] * len(cond),
+                  min_frames=frames, cfg_scale=cfg_scale, seeds=list(range(len(cond))), **kwargs)
+
+
+def _rate(seconds: float, requests: int, frames: int, frame_rate: float) -> dict:
+    return {"seconds": round(seconds, 4), "frames_per_second": round(requests * frames / seconds, 1),
+            "requests_per_second": round(requests / seconds, 3),
+            "real_time_factor": round(seconds / (requests * frames / frame_rate), 4)}
 
 
 def _experts(out: DecodeOutput) -> float | None:
@@ -88,82 +178,188 @@ def _experts(out: DecodeOutput) -> float | None:
     return round(float(out.expert_sums.sum(0).div(out.expert_tokens.sum()).mean()), 4)
 
 
+def _same(a: DecodeOutput, b: DecodeOutput) -> str:
+    """How many requests two runs decoded identically, and for the others the first step that differs.
+
+    Sampled decoding of a random-weight model is sensitive to fp32 rounding: its logits are
+    small and nearly tied, so a ~1e-6 difference between two attention kernels can move a
+    top-k / top-p boundary; from that step on the two sequences are different samples.
+    """
+    same = sum(torch.equal(x, y) for x, y in zip(a.segments, b.segments))
+    text = f"{same}/{len(a.segments)} requests token-identical"
+    first = [int((x != y).any(0).nonzero()[0]) for x, y in zip(a.segments, b.segments)
+             if x.shape == y.shape and not torch.equal(x, y)]
+    return text + (f" (others first differ at step {', '.join(map(str, first))})" if first else "")
+
+
+# ---------------------------------------------------------------------- sections
+def peer_section(cfg: GenerateBenchConfig, device, dtype, timer: Timer) -> dict:
+    model = _model(peer_config(), cfg, device, dtype)
+    prompts = _prompts(model, 1)
+    peer_sampling = GenerationSettings(temperature=1.0, top_k=250, top_p=1.0, cfg_scale=1.0)
+    sampling = CodebookSampling.from_settings(peer_sampling, model.config.num_codebooks)
+    F = cfg.frames
+    variants: dict[str, Callable[[], object]] = {"unimoe_eager": lambda: _decode(model, prompts, sampling, F)}
+    if cfg.compile:
+        variants["unimoe_compiled"] = lambda: _decode(model, prompts, sampling, F, compile=True)
+    reference = None
+    if cfg.reference:
+        torch.manual_seed(cfg.seed)
+        reference = ReferenceDecoder(ReferenceDecoderConfig()).to(device=device, dtype=dtype).eval()
+        generator = torch.Generator(device=device)
+        variants["reference"] = lambda: reference.generate(F, model.config.delays, temperature=1.0, top_k=250,
+                                                           generator=generator.manual_seed(cfg.seed))
+    seconds, _ = round_robin(variants, cfg, timer)
+    result = {"model": {"unimoe_params": model.num_parameters(),
+                        "reference_params": reference.num_parameters() if reference is not None else None,
+                        "prompt_positions": len(prompts[0][0]), "frames": F, "batch": 1, "cfg": False,
+                        "sampling": "temperature 1.0, top-k 250, top-p off"},
+              "variants": {name: _rate(s, 1, F, cfg.frame_rate) for name, s in seconds.items()}}
+    if reference is not None:
+        result["speed_vs_reference"] = {name: round(seconds["reference"] / s, 3) for name, s in seconds.items()
+                                        if name != "reference"}
+    if device.type == "cpu":
+        result["aten_ops_per_frame"] = {"unimoe_eager": ops_per_frame(variants["unimoe_eager"], F)}
+        if reference is not None:
+            result["aten_ops_per_frame"]["reference"] = ops_per_frame(variants["reference"], F)
+    return result
+
+
+def cache_section(cfg: GenerateBenchConfig, device, dtype, timer: Timer) -> dict:
+    model = _model(peer_config(), cfg, device, dtype)
+    prompts = _prompts(model, 1)
+    sampling = CodebookSampling.from_settings(GenerationSettings(), model.config.num_codebooks)
+    F = cfg.cache_frames
+    variants = {"cache": lambda: _decode(model, prompts, sampling, F),
+                "recompute": lambda: _decode(model, prompts, sampling, F, use_cache=False)}
+    seconds, last = round_robin(variants, cfg, timer)
+    return {"frames": F, "variants": {n: _rate(s, 1, F, cfg.frame_rate) for n, s in seconds.items()},
+            "cache_speedup": round(seconds["recompute"] / seconds["cache"], 3),
+            "cache_matches_recompute": _same(last["cache"], last["recompute"])}
+
+
+def batch_section(cfg: GenerateBenchConfig, device, dtype, timer: Timer) -> dict:
+    model = _model(peer_config(), cfg, device, dtype)
+    sampling = CodebookSampling.from_settings(GenerationSettings(), model.config.num_codebooks)
+    F = cfg.batch_frames
+    out = {"frames": F, "cfg_scale": cfg.cfg_scale, "batches": {}}
+    for size in [int(b) for b in cfg.batch_sizes.split(",")]:
+        prompts = _prompts(model, size)
+        variants = {"eager": lambda: _decode(model, prompts, sampling, F, cfg_scale=cfg.cfg_scale)}
+        if cfg.compile:
+            variants["compiled"] = lambda: _decode(model, prompts, sampling, F, cfg_scale=cfg.cfg_scale, compile=True)
+        seconds, _ = round_robin(variants, cfg, timer)
+        out["batches"][str(size)] = {name: _rate(s, size, F, cfg.frame_rate) for name, s in seconds.items()}
+    return out
+
+
+def moe_section(cfg: GenerateBenchConfig, device, dtype, timer: Timer) -> dict:
+    model = _model(moe_config(cfg.moe_layers), cfg, device, dtype)
+    prompts = _prompts(model, 1)
+    sampling = CodebookSampling.from_settings(GenerationSettings(), model.config.num_codebooks)
+    F = cfg.frames
+
+    def run(top_p=None, budget=None):
+        with inference_mode(model, top_p, budget):
+            return _decode(model, prompts, sampling, F)
+
+    variants = {f"top_p_{p}": (lambda p=p: run(top_p=float(p))) for p in cfg.top_p.split(",")}
+    variants[f"budget_{cfg.budget}"] = lambda: run(budget=cfg.budget)
+    seconds, last = round_robin(variants, cfg, timer)
+    result = {"preset": "hidden 1024, %d layers, 8 heads (2 KV), 8 routed experts of 1024 + 1 null + 2 shared of 512, "
+                        "8 codebooks x 1024, batch 1, no CFG" % cfg.moe_layers,
+              "params": model.num_parameters(), "frames": F, "variants": {}}
+    slowest = max(seconds.values())
+    for name, s in seconds.items():
+        result["variants"][name] = {**_rate(s, 1, F, cfg.frame_rate), "activated_experts_per_token": _experts(last[name]),
+                                    "speedup_vs_slowest": round(slowest / s, 3)}
+    reached = result["variants"][f"budget_{cfg.budget}"]["activated_experts_per_token"]
+    result["budget"] = {"target": cfg.budget, "reached": reached,
+                        "relative_error": None if reached is None else round((reached - cfg.budget) / cfg.budget, 4)}
+    return result
+
+
+def dispatch_section(cfg: GenerateBenchConfig, device, dtype, timer: Timer) -> dict:
+    torch.manual_seed(cfg.seed)
+    config = moe_config(1)
+    from unimoe.moe.layer import build_moe_layer
+
+    layer = build_moe_layer(config.hidden_size, config.moe).to(device=device, dtype=dtype).eval()
+    out = {"layer": "hidden 1024, 8 routed experts of 1024 + 1 null + 2 shared of 512, top-p 0.7", "rows": {}}
+    reps = 20
+    for rows in [int(r) for r in cfg.dispatch_rows.split(",")]:
+        x = torch.randn(rows, 1, config.hidden_size, device=device, dtype=dtype)
+
+        def forward(path):
+            def fn():
+                layer.dispatch = path
+                for _ in range(reps):
+                    layer(x, stats="counts")
+            return fn
+
+        with torch.no_grad():
+            seconds, _ = round_robin({p: forward(p) for p in ("grouped", "small_batch", "dense")}, cfg, timer)
+        layer.dispatch = "auto"
+        out["rows"][str(rows)] = {p: round(s / reps * 1e3, 4) for p, s in seconds.items()}
+        out["rows"][str(rows)]["fastest"] = min(seconds, key=seconds.get)
+        out["rows"][str(rows)]["auto_picks"] = layer.dispatch_path(rows)
+    out["unit"] = "ms per layer forward (no grad)"
+    return out
+
+
+def gpu_section(cfg: GenerateBenchConfig, device, dtype, timer: Timer) -> dict:
+    if device.type != "cuda":
+        return {"skipped": "no CUDA device (these numbers need a GPU)"}
+    bf16 = torch.bfloat16
+    model = _model(peer_config(), cfg, device, bf16)
+    sampling = CodebookSampling.from_settings(GenerationSettings(), model.config.num_codebooks)
+    out = {"dtype": "bf16", "frames": cfg.frames, "cfg_scale": cfg.cfg_scale, "batches": {}}
+    for size in (1, 32):
+        prompts = _prompts(model, size)
+        variants = {"eager": lambda: _decode(model, prompts, sampling, cfg.frames, cfg_scale=cfg.cfg_scale),
+                    "compiled": lambda: _decode(model, prompts, sampling, cfg.frames, cfg_scale=cfg.cfg_scale,
+                                                compile=True)}
+        seconds, _ = round_robin(variants, cfg, timer)
+        out["batches"][str(size)] = {n: _rate(s, size, cfg.frames, cfg.frame_rate) for n, s in seconds.items()}
+    return out
+
+
+RUNNERS = {"peer": peer_section, "cache": cache_section, "batch": batch_section, "moe": moe_section,
+           "dispatch": dispatch_section, "gpu": gpu_section}
+
+
 def run(cfg: GenerateBenchConfig) -> dict:
+    sections = [s.strip() for s in cfg.sections.split(",") if s.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"--sections: unknown {unknown}; choose from {', '.join(SECTIONS)}")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    model = build_model(cfg).to(device=device, dtype=DTYPES[cfg.dtype])
-    if model.config.moe is None:
-        raise ValueError(f"--preset {cfg.preset} is dense: the low-top-p variant needs an MoE preset (e.g. small-moe)")
-    t2m = build_task_builder("t2m", model.config)
-    pairs = [t2m.cfg_prefixes(text=CAPTIONS[i % len(CAPTIONS)]) for i in range(cfg.requests)]
-    prompts = ([c for c, _ in pairs], [u for _, u in pairs])
-    sampling = CodebookSampling.from_settings(GenerationSettings(), model.config.num_codebooks)
-    trained_top_p = effective_router_top_p(model)
-    variants = {
-        "cache": dict(use_cache=True, top_p=None),
-        "no_cache": dict(use_cache=False, top_p=None),
-        "cache_low_top_p": dict(use_cache=True, top_p=cfg.low_top_p),
+    timer = Timer(cfg.timer, device)
+    result = {
+        "benchmark": "generate", "config": asdict(cfg), "device": str(device), "dtype": cfg.dtype,
+        "threads": torch.get_num_threads(), "timer": timer.kind, "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(), "torch": torch.__version__, "frame_rate_assumed": cfg.frame_rate,
     }
-    for _ in range(cfg.warmup):
-        _run(model, prompts, sampling, cfg, **variants["cache"])
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    outputs: dict[str, DecodeOutput] = {}
-    if cfg.timer not in ("wall", "cpu"):
-        raise ValueError(f"--timer must be wall or cpu, got {cfg.timer!r}")
-    for _ in range(cfg.repeats):
-        for name, kw in variants.items():
-            cpu_start = time.process_time()
-            outputs[name] = out = _run(model, prompts, sampling, cfg, **kw)
-            times[name].append(out.seconds if cfg.timer == "wall" else time.process_time() - cpu_start)
-    audio_seconds = cfg.requests * cfg.frames / cfg.frame_rate
-    result_variants = {}
-    for name, kw in variants.items():
-        sec = statistics.median(times[name])
-        result_variants[name] = {
-            "seconds": round(sec, 4),
-            "frames_per_second": round(cfg.requests * cfg.frames / sec, 2),
-            "real_time_factor": round(sec / audio_seconds, 4),
-            "router_top_p": kw["top_p"] if kw["top_p"] is not None else trained_top_p,
-            "activated_experts_per_token": _experts(outputs[name]),
-            "times": [round(t, 4) for t in times[name]],
-        }
-    same = sum(torch.equal(a, b) for a, b in zip(outputs["cache"].segments, outputs["no_cache"].segments))
-    return {
-        "benchmark": "generate",
-        "config": asdict(cfg),
-        "device": str(device),
-        "dtype": cfg.dtype,
-        "threads": torch.get_num_threads(),
-        "timer": cfg.timer,
-        "cpu": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "model": {
-            "preset": cfg.preset, "layers": model.config.num_layers, "hidden": model.config.hidden_size,
-            "params": model.num_parameters(), "params_active_min": model.num_parameters("min"),
-            "params_active_max": model.num_parameters("max"),
-        },
-        "prompt_lengths": [len(s) for s in prompts[0]],
-        "rows": cfg.requests * (2 if cfg.cfg_scale != 1.0 else 1),
-        "frames_per_request": cfg.frames,
-        "frame_rate_assumed": cfg.frame_rate,
-        "variants": result_variants,
-        "cache_speedup": round(result_variants["no_cache"]["seconds"] / result_variants["cache"]["seconds"], 3),
-        "low_top_p_speedup": round(result_variants["cache"]["seconds"] / result_variants["cache_low_top_p"]["seconds"], 3),
-        "activated_experts_per_token": {
-            str(trained_top_p): result_variants["cache"]["activated_experts_per_token"],
-            str(cfg.low_top_p): result_variants["cache_low_top_p"]["activated_experts_per_token"],
-        },
-        "cache_matches_recompute": f"{same}/{cfg.requests} requests token-identical",
-    }
+    for name in sections:
+        started = time.perf_counter()
+        result[name] = RUNNERS[name](cfg, device, DTYPES[cfg.dtype], timer)
+        result[name]["section_wall_seconds"] = round(time.perf_counter() - started, 1)
+    return result
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unimoe bench generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, value in asdict(GenerateBenchConfig()).items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(value, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        else:
+            p.add_argument(flag, type=type(value), default=value)
     p.add_argument("--json", action="store_true", help="print only the JSON result")
     return p
 
@@ -175,9 +371,5 @@ def main(argv: list[str] | None = None) -> int:
     if as_json:
         print(json.dumps(result, indent=2))
         return 0
-    for name, v in result["variants"].items():
-        print(f"{name:16s} {v['seconds']:8.3f} s  {v['frames_per_second']:8.1f} frames/s  RTF {v['real_time_factor']:.3f}"
-              f"  router top-p {v['router_top_p']}  experts/token {v['activated_experts_per_token']}")
-    print(f"cache speedup {result['cache_speedup']}x, low top-p speedup {result['low_top_p_speedup']}x "
-          f"({result['cache_matches_recompute']})")
+    print(json.dumps({k: v for k, v in result.items() if k in SECTIONS}, indent=1))
     return 0

@@ -228,7 +228,7 @@ def _read_codec_file(path: Path) -> tuple[SpectralRVQConfig, torch.Tensor, torch
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, foreign or non-torch files raise several types
-        raise CodecFileError(f"cannot read spectral_rvq codec file {path}: {exc}") from exc
+        raise CodecFileError(f"cannot read spectral_rvq codec file {path}: not a PyTorch file, or truncated ({exc})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
         hint = ""
         if isinstance(payload, dict) and {"metadata", "state_dict"} <= set(payload):

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 def _info(path: Path, sharded: bool, read_header, tensor_shapes, read_metadata) -> dict:
     import math
 
-    import torch
+    from unimoe.checkpoint import read_checkpoint
 
     if sharded:
         header = read_header(path)
@@ -72,7 +72,7 @@ def _info(path: Path, sharded: bool, read_header, tensor_shapes, read_metadata) 
         has_optimizer = bool(tensor_shapes(path, prefix="optimizer_"))
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     else:
-        header = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
+        header = read_checkpoint(path)  # weights_only=True, memory-mapped: nothing in the file runs
         tensors = {k: tuple(v.shape) for k, v in (header.get("state_dict") or {}).items()}
         shards, size = 0, path.stat().st_size
         has_optimizer = bool(header.get("optimizer_states"))

@@ -32,13 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from contextlib import nullcontext
+
+    from unimoe.locks import FolderInUseError, FolderLock
     from unimoe.training.curriculum import CurriculumRunner, load_curriculum
     from unimoe.training.recipe_vars import RecipeError
 
     args = build_parser().parse_args(argv)
     try:
         cur = load_curriculum(args.config, root=args.root, data_root=args.data_root, launcher=args.launcher)
-        return CurriculumRunner(cur, until=args.until).run(dry_run=args.dry_run)
-    except RecipeError as exc:
+        with nullcontext() if args.dry_run else FolderLock(cur.root):  # one curriculum per root
+            return CurriculumRunner(cur, until=args.until).run(dry_run=args.dry_run)
+    except (RecipeError, FolderInUseError) as exc:
         print(f"unimoe curriculum: error: {exc}", file=sys.stderr)
         return 2

@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="synthesise the offline demo corpus (espeak-ng speech, fluidsynth music, synthetic video)")
     p.add_argument("--out", required=True, help="output folder (re-running completes/reuses it)")
-    p.add_argument("--scale", type=float, default=1.0, help="multiply clip counts (default 1: 320 speech, 22 t2m, 10 v2m)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply clip counts (default 1: 320 speech, 22 t2m, 10 v2m, plus 16 test pieces per music task)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="parallel synthesis jobs (default: CPU count)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="score only the first N items")
     p.add_argument("--skip-unavailable", action="store_true",
                    help="report metrics whose backend cannot load (missing package/weights) instead of failing")
+    p.add_argument("--by-task", action="store_true",
+                   help="score each task (tts, t2m, v2m...) on its own: one row per metric and task")
     return p
 
 
@@ -49,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         suite = load_suite(args.suite)
         if args.skip_unavailable:
             suite.on_unavailable = "skip"
+        if args.by_task:
+            suite.by_task = True
         generator = load_checkpoint_generator(args.ckpt) if args.ckpt else None
         report = run_suite(
             suite, manifest=args.manifest, wavs=args.wavs, generator=generator, out_dir=args.out,

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"guidance uncond + s * (cond - uncond); 1 = off (default {_DEFAULTS.cfg_scale})")
     s.add_argument("--top-p-router", type=float, dest="router_top_p",
                    help="override the MoE routers' top-p (lower = fewer experts per token, faster); default: trained value")
+    s.add_argument("--experts-per-token", type=float,
+                   help="hold this mean number of real routed experts per token (a feedback controller on the routers' "
+                        "top-p; the sidecar reports what was reached); exclusive with --top-p-router")
     s.add_argument("--max-seconds", type=float, help=f"duration cap, EOS forced there (default {_DEFAULTS.max_seconds})")
     s.add_argument("--min-seconds", type=float, help=f"no EOS before this (default {_DEFAULTS.min_seconds})")
     s.add_argument("--max-prompt-seconds", type=float,
@@ -70,14 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-cache", dest="use_cache", action="store_false", default=None,
                    help="recompute the full sequence every step (slow; a reference)")
     s.add_argument("--no-routing-stats", dest="routing_stats", action="store_false", default=None,
-                   help="do not count activated experts per token (saves a host sync per MoE layer and step on GPU)")
+                   help="do not count activated experts per token")
+    s.add_argument("--cache", choices=("static", "dynamic"),
+                   help="KV cache: static (fixed shapes, default; needed by --compile) or dynamic (drops finished rows)")
+    s.add_argument("--compile", action="store_true", default=None,
+                   help="compile the decoding step (torch.compile; CUDA graphs on a GPU): faster steps after a "
+                        "one-off compile, same tokens as eager at temperature 0")
     p.add_argument("--skip-invalid", action="store_true",
                    help="with --requests: skip requests whose inputs are unusable (listed in skipped.jsonl) instead of failing")
     return p
 
 
-SETTING_ARGS = ("seed", "temperature", "top_k", "top_p", "cfg_scale", "router_top_p", "max_seconds", "min_seconds",
-                "max_prompt_seconds", "batch_size", "use_cache", "routing_stats")
+SETTING_ARGS = ("seed", "temperature", "top_k", "top_p", "cfg_scale", "router_top_p", "experts_per_token", "max_seconds",
+                "min_seconds", "max_prompt_seconds", "batch_size", "use_cache", "cache", "compile", "routing_stats")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     from unimoe.checkpoint import CheckpointError
     from unimoe.generation import (GenerationError, GenerationRequest, InputError, RequestError, SettingsError,
                                    load_generator, read_requests, write_clips)
+    from unimoe.generation.compiled import CompileError
     from unimoe.generation.decode import ContextTooLong
     from unimoe.generation.pipeline import parse_codec_spec
 
@@ -111,14 +120,16 @@ def main(argv: list[str] | None = None) -> int:
         prepared, skipped = generator.prepare(requests, skip_invalid=args.skip_invalid)
         clips = generator.generate_prepared(prepared)
         manifest = write_clips(clips, Path(args.out), skipped=skipped)
-    except (CheckpointError, GenerationError, RequestError, InputError, SettingsError, ContextTooLong) as exc:
+    except (CheckpointError, GenerationError, RequestError, InputError, SettingsError, ContextTooLong, CompileError) as exc:
         print(f"unimoe generate: error: {exc}", file=sys.stderr)
         return 2
     for clip in clips:
         m = clip.metadata
         experts = m.get("activated_experts_per_token")
+        budget = m.get("expert_budget")
         print(f"{clip.id}\t{clip.task}\t{m['duration']:.2f} s\t{m['frames']} frames\t{m['stop_reason']}\t"
-              f"RTF {m['real_time_factor']:.3f}" + (f"\texperts/token {experts:.2f}" if experts is not None else ""))
+              f"RTF {m['real_time_factor']:.3f}" + (f"\texperts/token {experts:.2f}" if experts is not None else "")
+              + (f" (budget {budget['target']}, batch {budget['batch_mean']})" if budget else ""))
     print(f"wrote {len(clips)} clip(s) to {manifest.parent} ({manifest.name})"
           + (f"; skipped {len(skipped)} (skipped.jsonl)" if skipped else ""), file=sys.stderr)
     return 0

@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from unimoe.data.manifest import ManifestError
     from unimoe.data.shards import ShardError
     from unimoe.data.tokenize import TokenizeConfig, tokenize_manifest
+    from unimoe.locks import FolderInUseError
     from unimoe.registry import RegistryError
 
     args = build_parser().parse_args(argv)
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         report = tokenize_manifest(args.manifest, args.codec, args.out, config=cfg, workers=args.workers,
                                    overwrite=args.overwrite, progress=not args.quiet)
-    except (ManifestError, ShardError, RegistryError, CodecFileError, CodecWeightsError, ValueError, FileNotFoundError) as exc:
+    except (ManifestError, ShardError, RegistryError, CodecFileError, CodecWeightsError, ValueError, FileNotFoundError,
+            FolderInUseError) as exc:
         print(f"unimoe tokenize: error: {exc}", file=sys.stderr)
         return 1
     print(report.summary())

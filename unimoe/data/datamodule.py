@@ -35,7 +35,7 @@ import lightning as L
 import numpy as np
 from torch.utils.data import ConcatDataset, DataLoader
 
-from unimoe.data.dataset import ShardDataset
+from unimoe.data.dataset import DrawnDataset, ShardDataset
 from unimoe.data.resumable import ResumableDataLoader
 from unimoe.data.sampler import (
     MixtureSampler, SubsetSampler, TokenBudgetBatchSampler, mixture_probabilities, seed_subset,
@@ -250,7 +250,7 @@ class UniMoEDataModule(L.LightningDataModule):
         world, rank = self._world()
         return TokenBudgetBatchSampler(sampler, data.all_lengths, self.max_tokens, num_buckets=self.num_buckets,
                                        max_batch_size=self.max_batch_size, shuffle=True, seed=self.seed,
-                                       num_replicas=world, rank=rank)
+                                       num_replicas=world, rank=rank, draws=True)
 
     def _eval_batch_sampler(self, data: _Split) -> TokenBudgetBatchSampler:
         kept = np.concatenate([data.kept[n].astype(np.int64) + o for n, o in zip(data.names, data.offsets)]) if data.names else np.zeros(0, np.int64)
@@ -273,7 +273,7 @@ class UniMoEDataModule(L.LightningDataModule):
                                       num_workers=self.num_workers, pin_memory=self.pin_memory,
                                       persistent_workers=self.num_workers > 0)
         if train:
-            return ResumableDataLoader(data.concat, loop_position=self._loop_position, **kwargs)
+            return ResumableDataLoader(DrawnDataset(data.concat), loop_position=self._loop_position, **kwargs)
         return DataLoader(data.concat, **kwargs)
 
     def _loop_position(self) -> Optional[tuple[int, int]]:

@@ -44,6 +44,8 @@ class Example:
     split: str = "train"
     duration: float | None = None
     meta: dict | None = None
+    draw: Any = None
+    """The :class:`~unimoe.data.sampler.Draw` that picked it for training (None otherwise)."""
 
 
 class _Part:
@@ -183,3 +185,25 @@ class ShardDataset(Dataset):
         state = dict(self.__dict__)
         state["_open"] = OrderedDict()  # each worker process opens its own memory maps
         return state
+
+
+class DrawnDataset(Dataset):
+    """A map-style dataset indexed by :class:`~unimoe.data.sampler.Draw` (or plain indices).
+
+    The batch sampler's draws travel with the indices into the worker processes; the
+    returned :class:`Example` carries its draw, from which the collate function derives the
+    example's random choices (the CFG condition drop) instead of from a per-process stream.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: Any) -> Example:
+        if isinstance(item, tuple):  # a Draw
+            example = self.dataset[item.index]
+            example.draw = item
+            return example
+        return self.dataset[item]

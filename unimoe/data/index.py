@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from unimoe.atomic import fault_point, folder_write_errors
 from unimoe.data.shards import SETTINGS_FILE, SHARD_FORMAT, SHARD_VERSION, ShardError
 
 log = logging.getLogger(__name__)
@@ -211,17 +212,19 @@ def write_columns(directory: str | Path, header: Mapping[str, Any], columns: Map
     files, spec = _files(columns)
     meta = _meta(header, len(files[SPLIT_ORDER]), spec, source)
     try:
-        tmp.mkdir(parents=True)
-        for name, values in files.items():
-            path = tmp / _file_name(name)
-            if isinstance(values, (bytes, bytearray)):
-                path.write_bytes(values)
-            else:
-                np.save(path, np.ascontiguousarray(values), allow_pickle=False)
-            meta["files"][path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-        (tmp / META_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-        _fsync_tree(tmp)
-        _replace_dir(tmp, final)
+        with folder_write_errors(final, tmp):
+            tmp.mkdir(parents=True)
+            for name, values in files.items():
+                path = tmp / _file_name(name)
+                if isinstance(values, (bytes, bytearray)):
+                    path.write_bytes(values)
+                else:
+                    np.save(path, np.ascontiguousarray(values), allow_pickle=False)
+                meta["files"][path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+            (tmp / META_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+            _fsync_tree(tmp)
+            fault_point(final)
+            _replace_dir(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -105,6 +105,21 @@ def _largest_remainder(probabilities: Sequence[float], total: int) -> list[int]:
     for i in order[: total - sum(base)]:
         base[i] += 1
     return base
+
+
+class Draw(NamedTuple):
+    """One example drawn for training: its global ``index``, the ``epoch`` and the draw's
+    ``position`` in that epoch's stream of draws (before batching).
+
+    Every random choice made for the example (the CFG condition drop) is derived from
+    ``(seed, epoch, position, index)``, so it is the same in a resumed run, with any number
+    of DataLoader workers and on any rank; an example drawn twice in an epoch gets two
+    independent choices.
+    """
+
+    index: int
+    epoch: int
+    position: int
 
 
 class _EpochState:
@@ -249,6 +264,10 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
     ``shuffle``. With ``num_replicas`` > 1 every rank gets the same number of batches
     (``drop_last`` drops the remainder, otherwise the first batches are repeated).
 
+    With ``draws=True`` a batch is a list of :class:`Draw` (index, epoch, position in the
+    epoch's draws) instead of plain indices, for datasets that derive per-example randomness
+    from it (:class:`~unimoe.data.dataset.DrawnDataset`).
+
     An example longer than ``max_tokens`` cannot form any batch: ``oversize="error"``
     (default) refuses at construction, naming it; ``"skip"`` leaves it out and counts it
     in ``num_oversize``.
@@ -275,8 +294,10 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         oversize: str = "error",
         names: Sequence[str] | None = None,
+        draws: bool = False,
     ) -> None:
         self.sampler = sampler
+        self.draws = draws
         self.lengths = np.asarray(lengths)
         if self.lengths.dtype.kind not in "iu":
             self.lengths = self.lengths.astype(np.int64)
@@ -347,7 +368,7 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         ids = np.arange(per_rank * R) % max(n, 1) if n else np.zeros(0, np.int64)
         return ids[self.rank: per_rank * R: R]
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[int]] | Iterator[list[Draw]]:
         plan = self._all_batches()
         mine = self._rank_batches()
         epoch = self.epoch
@@ -356,7 +377,10 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
                                  "plan": self.plan_digest()}
         for i in range(start, len(mine)):
             record["yielded"] = i + 1
-            yield plan.batch(int(mine[i]))
+            if self.draws:
+                yield [Draw(index, epoch, position) for index, position in plan.draws(int(mine[i]))]
+            else:
+                yield plan.batch(int(mine[i]))
 
     def __len__(self) -> int:
         return len(self._rank_batches())
@@ -458,14 +482,16 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
 
 
 class _BatchPlan:
-    """An epoch's batches as two arrays (flat indices + batch starts), not lists of Python ints.
+    """An epoch's batches as flat arrays (indices, their stream positions, batch starts), not lists of Python ints.
 
     At millions of examples per epoch the list form cost ~36 bytes per index in every rank;
-    this costs 8.
+    this costs 16. ``positions[k]`` is where ``indices[k]`` was in the sampler's stream
+    (the :class:`Draw` position).
     """
 
-    def __init__(self, indices: np.ndarray, starts: np.ndarray) -> None:
-        self.indices, self.starts = indices, starts  # batch b = indices[starts[b]:starts[b + 1]]
+    def __init__(self, indices: np.ndarray, starts: np.ndarray, positions: np.ndarray) -> None:
+        # batch b = indices[starts[b]:starts[b + 1]], drawn at positions[starts[b]:starts[b + 1]]
+        self.indices, self.starts, self.positions = indices, starts, positions
 
     def __len__(self) -> int:
         return len(self.starts) - 1
@@ -476,15 +502,21 @@ class _BatchPlan:
     def batch(self, b: int) -> list[int]:
         return self.indices[self.starts[b]: self.starts[b + 1]].tolist()
 
+    def draws(self, b: int) -> list[tuple[int, int]]:
+        """Batch ``b`` as (index, stream position) pairs."""
+        span = slice(self.starts[b], self.starts[b + 1])
+        return list(zip(self.indices[span].tolist(), self.positions[span].tolist()))
+
     def take(self, order: np.ndarray) -> "_BatchPlan":
         """The batches in ``order``."""
         sizes = self.sizes()[order]
         starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         if not len(order):
-            return _BatchPlan(self.indices[:0], starts)
+            return _BatchPlan(self.indices[:0], starts, self.positions[:0])
         # gather each batch's run of indices: position p of new batch k comes from old start + p
         first = np.repeat(self.starts[:-1][order] - starts[:-1], sizes)
-        return _BatchPlan(self.indices[np.arange(starts[-1]) + first], starts)
+        gather = np.arange(starts[-1]) + first
+        return _BatchPlan(self.indices[gather], starts, self.positions[gather])
 
 
 def _plan_batches(order: np.ndarray, lengths: np.ndarray, boundaries: np.ndarray, max_tokens: int,
@@ -497,10 +529,11 @@ def _plan_batches(order: np.ndarray, lengths: np.ndarray, boundaries: np.ndarray
     buckets follow at the end in bucket order. Each bucket is cut on its own (one pass over
     its lengths), and batches are then ordered by the stream position that closed them.
     """
-    order = order[~oversize[order]]
+    stream_positions = np.nonzero(~oversize[order])[0]  # positions count the skipped oversize draws too
+    order = order[stream_positions]
     stream_lengths = lengths[order].astype(np.int64)
     bucket_of = np.searchsorted(boundaries, stream_lengths, side="left")
-    chunks, keys = [], []
+    chunks, chunk_positions, keys = [], [], []
     end_key = len(order)  # partial buckets sort after every closed batch, in bucket order
     for b in np.unique(bucket_of):
         where = np.nonzero(bucket_of == b)[0]  # stream positions of this bucket, in order
@@ -508,11 +541,13 @@ def _plan_batches(order: np.ndarray, lengths: np.ndarray, boundaries: np.ndarray
         bounds = [0, *cuts, len(where)]
         for k in range(len(bounds) - 1):
             chunks.append(order[where[bounds[k]: bounds[k + 1]]])
+            chunk_positions.append(stream_positions[where[bounds[k]: bounds[k + 1]]])
             keys.append(int(where[bounds[k + 1]]) if k < len(cuts) else end_key + int(b))
     ranked = np.argsort(np.asarray(keys, dtype=np.int64), kind="stable")
     sizes = np.asarray([len(chunks[i]) for i in ranked], dtype=np.int64)
     indices = np.concatenate([chunks[i] for i in ranked]) if chunks else np.zeros(0, np.int64)
-    return _BatchPlan(indices, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
+    positions = np.concatenate([chunk_positions[i] for i in ranked]) if chunks else np.zeros(0, np.int64)
+    return _BatchPlan(indices, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64), positions)
 
 
 def _greedy_cuts(lengths: list[int], max_tokens: int, max_batch_size: int | None) -> list[int]:

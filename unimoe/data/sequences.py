@@ -8,6 +8,7 @@ loading its codes, so the token-budget sampler can plan batches before any shard
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -51,6 +52,12 @@ class SequenceMaker:
     the legacy order, for standalone use). ``cond_drop_prob`` is passed to every task builder
     (classifier-free guidance training); ``train=False`` never drops. ``tasks`` gives extra
     builder arguments per task, e.g. ``{"tts": {"uncond_keep": ["prompt"]}}``.
+
+    The condition drop of an example is drawn from :func:`draw_rng` of its training draw
+    (``Example.draw``: epoch and position in the epoch's draws), never from a per-process
+    stream: a resumed run, or one with another number of workers or ranks, drops the
+    conditions of exactly the same examples. An example without a draw (built outside the
+    data module's training loader) gets a choice derived from ``(seed, id)``.
     """
 
     def __init__(
@@ -72,8 +79,6 @@ class SequenceMaker:
         self.seed = seed
         self._builders: dict[str, Any] = {}
         self._memo: dict[tuple, int] = {}
-        self._rng: random.Random | None = None
-        self._rng_key: int | None = None
 
     # ------------------------------------------------------------------ builders
     def builder(self, task: str):
@@ -185,23 +190,34 @@ class SequenceMaker:
         return counts
 
     # ------------------------------------------------------------------ sequences
-    def rng(self) -> random.Random:
-        """Per-process RNG for the condition drop; DataLoader workers re-seed each epoch."""
-        key = torch.initial_seed()
-        if self._rng is None or key != self._rng_key:
-            self._rng, self._rng_key = random.Random(hash((self.seed, key))), key
-        return self._rng
+    def rng(self, example: Example) -> random.Random:
+        """The random stream of ``example``'s training-time choices (see the class docstring)."""
+        draw = example.draw
+        if draw is not None:
+            return draw_rng(self.seed, draw.epoch, draw.position, draw.index)
+        return random.Random(_digest(f"cond-drop:{self.seed}:id:{example.id}"))
 
     def sequence(self, example: Example):
         b = self.builder(example.task)
         conds = self._conditions(b, example.text, example.prompt_codes, example.prompt_text, example.video)
         drop = None if self.train else False
-        return b.build(example.codes, drop_condition=drop, rng=self.rng(), **conds)
+        return b.build(example.codes, drop_condition=drop, rng=self.rng(example) if self.train else None, **conds)
 
     def __call__(self, examples: list[Example]):
-        return collate([self.sequence(e) for e in examples], pad_to_multiple_of=self.pad_to_multiple_of)
+        batch = collate([self.sequence(e) for e in examples], pad_to_multiple_of=self.pad_to_multiple_of)
+        batch.example_ids = tuple(e.id for e in examples)  # named by the non-finite guard's messages
+        return batch
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_builders"], state["_rng"], state["_rng_key"] = {}, None, None  # rebuilt per worker
+        state["_builders"] = {}  # rebuilt per worker
         return state
+
+
+def draw_rng(seed: int, epoch: int, position: int, index: int) -> random.Random:
+    """A random stream that depends only on ``(seed, epoch, position of the draw, example index)``."""
+    return random.Random(_digest(f"cond-drop:{seed}:{epoch}:{position}:{index}"))
+
+
+def _digest(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from unimoe.atomic import write_text_atomic
+from unimoe.atomic import OutputWriteError, write_text_atomic
 from unimoe.audio import AudioFileError, load_audio
 from unimoe.data.manifest import ManifestEntry, ManifestError, check_manifest
 from unimoe.data.index import INDEX_DIR, LEGACY_INDEX_FILE, IndexWriter
@@ -38,6 +38,7 @@ from unimoe.data.shards import (
     save_shard, shard_name, write_json,
 )
 from unimoe.data.video import VideoFileError, load_video
+from unimoe.locks import FolderLock
 from unimoe.registry import ComponentSpec
 
 SKIP_REASONS = ("unreadable", "silent", "too short", "too long", "missing prompt", "unusable prompt", "unusable video")
@@ -266,35 +267,6 @@ def _import_optional(module: str) -> None:
 
 
 # ---------------------------------------------------------------------- the run
-class _DirLock:
-    """One tokenisation per output folder; a lock left by a dead process is taken over."""
-
-    def __init__(self, out: Path):
-        self.path = out / ".tokenize.lock"
-
-    def __enter__(self):
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                os.write(fd, str(os.getpid()).encode())
-                os.close(fd)
-                return self
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().strip() or 0)
-                    os.kill(pid, 0)
-                except (ValueError, ProcessLookupError, FileNotFoundError):
-                    self.path.unlink(missing_ok=True)  # stale: its owner is gone
-                    continue
-                except PermissionError:
-                    pass
-                raise ShardError(f"{self.path.parent} is being tokenised by process {pid}; wait for it or stop it")
-        raise ShardError(f"cannot lock {self.path}")
-
-    def __exit__(self, *exc):
-        self.path.unlink(missing_ok=True)
-
-
 def tokenize_manifest(
     manifest: str | Path,
     codec: ComponentSpec | Any,
@@ -314,7 +286,12 @@ def tokenize_manifest(
     """
     cfg = config or TokenizeConfig()
     manifest, out = Path(manifest).resolve(), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out):  # one writer per shard folder (FolderInUseError names the other)
+        return _tokenize(manifest, codec, out, cfg, workers, overwrite, progress)
+
+
+def _tokenize(manifest: Path, codec: ComponentSpec | Any, out: Path, cfg: TokenizeConfig, workers: int,
+              overwrite: bool, progress: bool) -> TokenizeReport:
     start = time.perf_counter()
     numbered, problems = check_manifest(manifest)
     if problems:
@@ -328,49 +305,50 @@ def tokenize_manifest(
     run_info = json.loads(json.dumps({**settings, "manifest": str(manifest),  # JSON form, as stored
                                       "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest()}))
 
-    with _DirLock(out):
-        _check_settings(out, run_info, overwrite)
-        (out / LEGACY_INDEX_FILE).unlink(missing_ok=True)  # the folder is incomplete until the end
+    _check_settings(out, run_info, overwrite)
+    for stale in out.glob(".shard-*.pt.tmp-*"):
+        stale.unlink()  # half-written by a killed run; never read
+    for stale in [*out.glob(f".{INDEX_DIR}.tmp-*"), *out.glob(f".{INDEX_DIR}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+    jobs = []
+    for k in range(0, len(numbered), cfg.shard_size):
+        chunk = numbered[k: k + cfg.shard_size]
+        lines, entries = [n for n, _ in chunk], [e for _, e in chunk]
+        jobs.append(_ShardJob(len(jobs), lines, entries, _fingerprint(lines, entries, settings)))
+    summaries: dict[int, dict[str, Any]] = {}
+    pending = []
+    for job in jobs:
+        existing = _reusable(out / shard_name(job.index), job.fingerprint)
+        if existing is not None:
+            summaries[job.index] = existing
+        else:
+            pending.append(job)
+    extras = [p for p in out.glob("shard-*.pt") if int(p.stem.split("-")[1]) >= len(jobs)]
+    if pending or extras:
+        # the folder is incomplete until the end; a re-run with nothing to do keeps the index
+        # (a full disk or a kill while it rewrites the same content never leaves the folder unusable)
+        (out / LEGACY_INDEX_FILE).unlink(missing_ok=True)
         if (out / INDEX_DIR).exists():
             shutil.rmtree(out / INDEX_DIR)
-        for stale in out.glob(".shard-*.pt.tmp-*"):
-            stale.unlink()  # half-written by a killed run; never read
-        for stale in [*out.glob(f".{INDEX_DIR}.tmp-*"), *out.glob(f".{INDEX_DIR}.old-*")]:
-            shutil.rmtree(stale, ignore_errors=True)
-        write_json(out / SETTINGS_FILE, run_info)
+    write_json(out / SETTINGS_FILE, run_info)
+    for extra in extras:
+        extra.unlink()  # from a longer manifest (only reachable with overwrite)
+    done_items = sum(len(jobs[i].entries) for i in summaries)
+    _run_jobs(pending, codec, main_codec, cfg, out, codec_info, workers, progress, len(numbered), done_items, summaries)
 
-        jobs = []
-        for k in range(0, len(numbered), cfg.shard_size):
-            chunk = numbered[k: k + cfg.shard_size]
-            lines, entries = [n for n, _ in chunk], [e for _, e in chunk]
-            jobs.append(_ShardJob(len(jobs), lines, entries, _fingerprint(lines, entries, settings)))
-        for extra in out.glob("shard-*.pt"):
-            if int(extra.stem.split("-")[1]) >= len(jobs):
-                extra.unlink()  # from a longer manifest (only reachable with overwrite)
-
-        summaries: dict[int, dict[str, Any]] = {}
-        pending = []
-        for job in jobs:
-            existing = _reusable(out / shard_name(job.index), job.fingerprint)
-            if existing is not None:
-                summaries[job.index] = existing
-            else:
-                pending.append(job)
-        done_items = sum(len(jobs[i].entries) for i in summaries)
-        _run_jobs(pending, codec, main_codec, cfg, out, codec_info, workers, progress, len(numbered), done_items, summaries)
-
-        ordered = [summaries[j.index] for j in jobs]
-        skipped = [s for summary in ordered for s in summary["skipped"]]
-        write_text_atomic(out / SKIPPED_FILE, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in skipped))
-        index = IndexWriter()
-        for summary in ordered:
-            for row in summary["items"]:
-                index.add(row)
-        index.write(out, {
-            "codec": codec_info, "config": asdict(cfg), "manifest": str(manifest),
-            "shards": [{"file": shard_name(s["shard"]), "items": len(s["items"]), "skipped": len(s["skipped"])} for s in ordered],
-            "skipped": dict(Counter(s["reason"] for s in skipped)),
-        })
+    ordered = [summaries[j.index] for j in jobs]
+    skipped = [s for summary in ordered for s in summary["skipped"]]
+    write_text_atomic(out / SKIPPED_FILE, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in skipped))
+    index = IndexWriter()
+    for summary in ordered:
+        for row in summary["items"]:
+            index.add(row)
+    index.write(out, {
+        "codec": codec_info, "config": asdict(cfg), "manifest": str(manifest),
+        "shards": [{"file": shard_name(s["shard"]), "items": len(s["items"]), "skipped": len(s["skipped"])} for s in ordered],
+        "skipped": dict(Counter(s["reason"] for s in skipped)),
+    })
     return TokenizeReport(out, len(jobs), len(pending), len(jobs) - len(pending), index.num_items, skipped,
                           time.perf_counter() - start, codec_info)
 
@@ -453,6 +431,8 @@ def _run_jobs(pending, codec_spec, main_codec, cfg, out, codec_info, workers, pr
                         job = futures[future]
                         try:
                             summaries[job.index] = future.result()
+                        except OutputWriteError:
+                            raise  # names the shard file already (disk full, read-only folder)
                         except Exception as exc:
                             raise RuntimeError(f"encoding shard {job.index} (manifest lines {job.lines[0]}-{job.lines[-1]}) failed: {exc}") from exc
             except BaseException:

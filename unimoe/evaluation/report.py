@@ -29,8 +29,8 @@ class EvaluationReport:
     outputs: dict[str, str] = field(default_factory=dict)
 
     def values(self) -> dict[str, float]:
-        """``{key: value}`` of the metrics that produced a value."""
-        return {m.key: m.value for m in self.metrics if m.value is not None}
+        """``{name: value}`` (name = key, or ``<task>/<key>`` per task) of the metrics that produced a value."""
+        return {m.name: m.value for m in self.metrics if m.value is not None}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -84,21 +84,25 @@ def to_markdown(report: EvaluationReport) -> str:
         if v is not None:
             lines.append(f"- {k}: `{v}`")
     lines += [f"- items: {report.n_items}", f"- created: {report.created}", ""]
-    lines += ["| metric | value | model / embedding that produced it | scored | skipped | notes |",
-              "|---|---|---|---|---|---|"]
+    by_task = any(m.task is not None for m in report.metrics)
+    task_head, task_rule = ("task | ", "---|") if by_task else ("", "")
+    lines += [f"| metric | {task_head}value | model / embedding that produced it | scored | skipped | notes |",
+              f"|---|{task_rule}---|---|---|---|---|"]
     for m in report.metrics:
         arrow = "↑" if m.higher_is_better else "↓"
         label = LABELS.get(m.metric, m.metric.upper())
         name = label if m.key == m.metric else f"{label} (`{m.key}`)"
+        task = f"{m.task or 'all'} | " if by_task else ""
+        value = m.unavailable if m.unavailable else _fmt(m.value)
         lines.append(
-            f"| {name} {arrow} | {_fmt(m.value)} | `{_cell(m.backend)}`: {_cell(m.backend_description)} | "
+            f"| {name} {arrow} | {task}{value} | `{_cell(m.backend)}`: {_cell(m.backend_description)} | "
             f"{m.n_scored}/{m.n_items} | {len(m.skipped)} | {_cell(_notes(m))} |"
         )
     skipped = report.skipped_before_scoring + [s for m in report.metrics for s in m.skipped]
     if skipped:
         lines += ["", "## Skipped items", "", "| id | metric | reason |", "|---|---|---|"]
         lines += [f"| {_cell(s['id'])} | {_cell(s['metric'])} | {_cell(s['reason'])} |" for s in skipped]
-    warnings = [(m.key, w) for m in report.metrics for w in m.warnings]
+    warnings = [(m.name, w) for m in report.metrics for w in m.warnings]
     if report.unreferenced:
         warnings.append(("*", f"{len(report.unreferenced)} generated file(s) not in the manifest, not scored: "
                               + ", ".join(report.unreferenced[:10])))

@@ -25,6 +25,13 @@ class MetricResult:
     skipped: list[dict[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     error: str | None = None  # why there is no value at all
+    task: str | None = None  # set when a suite scores each task on its own (by_task)
+    unavailable: str | None = None  # "unavailable" / "unavailable offline" when the backend could not load
+
+    @property
+    def name(self) -> str:
+        """The result's unique name: ``key``, or ``<task>/<key>`` for a per-task result."""
+        return self.key if self.task is None else f"{self.task}/{self.key}"
 
     def finalize(self) -> "MetricResult":
         """Check the invariants writers rely on: a finite value, or None with a reason."""

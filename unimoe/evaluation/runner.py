@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 
+from unimoe.atomic import write_text_atomic
 from unimoe.jsonl import resolve_path
 from unimoe.registry import METRICS, ComponentSpec
 
@@ -33,7 +34,7 @@ from .manifest import (
 from .report import EvaluationReport, write_report
 from .result import MetricResult
 from .scorers import ScoreContext, build_scorer
-from .suite import Suite, load_suite
+from .suite import MetricSpec, Suite, load_suite
 from .tracking import log_report
 
 
@@ -105,37 +106,81 @@ def evaluate_items(
     reference_set: list[Path] | None = None,
     backends: dict[str, MetricBackend] | None = None,
     log: Callable[[str], None] = print,
+    by_task: bool | None = None,
 ) -> list[MetricResult]:
     """Score ``items`` with every metric of ``suite``.
 
     ``backends`` maps a metric key to a ready backend (overrides the suite's spec; used
-    by tests and notebooks that hold models already).
+    by tests and notebooks that hold models already). ``by_task`` (default: the suite's)
+    scores each task's items on their own and sets :attr:`MetricResult.task`.
     """
     ctx = ScoreContext(policy=suite.clip_policy, reference_set=reference_set, log=log)
-    results = []
+    per_task = suite.by_task if by_task is None else by_task
+    results: list[MetricResult] = []
     for spec in suite.metrics:
-        scorer = build_scorer(spec.metric, spec.options)
-        applicable = [i for i in items if scorer.applies_to(i)]
-        try:
-            backend = (backends or {}).get(spec.key) or build_backend(spec.backend)
-        except BackendUnavailableError as exc:
-            if suite.on_unavailable != "skip":
-                raise
-            result = MetricResult(key=spec.key, metric=scorer.name, backend=spec.backend_label,
-                                  backend_description="unavailable", higher_is_better=scorer.higher_is_better,
-                                  n_items=len(applicable), error=f"backend unavailable: {exc}")
-            results.append(result.finalize())
-            log(f"[eval] {spec.key}: backend unavailable ({exc})")
-            continue
-        scorer.check_backend(backend, spec.backend_label)
-        result = scorer.new_result(spec.key, spec.backend_label, backend, applicable)
+        results.extend(_evaluate_metric(suite, spec, items, ctx, backends or {}, log, per_task))
+    return results
+
+
+def _task_groups(items: list[EvalItem], by_task: bool) -> list[tuple[str | None, list[EvalItem]]]:
+    """``[(task, items)]`` in order of first appearance, or one group of everything."""
+    if not by_task or not items:
+        return [(None, items)]
+    groups: dict[str | None, list[EvalItem]] = {}
+    for item in items:
+        groups.setdefault(item.task, []).append(item)
+    return list(groups.items())
+
+
+def unavailable_label(spec: ComponentSpec) -> str:
+    """"unavailable offline" for a backend whose weights never ship with a package (its class
+    is not ``offline``), else "unavailable" (an offline backend whose package is missing)."""
+    target = spec.get("class_path") or spec.get("name") if isinstance(spec, dict) else spec
+    try:
+        offline = isinstance(target, str) and bool(getattr(METRICS.get(target), "offline", False))
+    except Exception:  # unknown name or an import that fails: the build error says why
+        offline = False
+    return "unavailable" if offline else "unavailable offline"
+
+
+def _evaluate_metric(
+    suite: Suite, spec: MetricSpec, items: list[EvalItem], ctx: ScoreContext, backends: dict[str, MetricBackend],
+    log: Callable[[str], None], by_task: bool,
+) -> list[MetricResult]:
+    scorer = build_scorer(spec.metric, spec.options)
+    groups = _task_groups([i for i in items if scorer.applies_to(i)], by_task)
+    try:
+        backend = backends.get(spec.key) or build_backend(spec.backend)
+    except BackendUnavailableError as exc:
+        policy = spec.on_unavailable or suite.on_unavailable
+        if policy != "skip" and spec.fallback is None:
+            raise
+        label = unavailable_label(spec.backend)
+        log(f"[eval] {spec.key}: backend {spec.backend_label} {label} ({exc})"
+            + (f"; scoring the fallback {spec.fallback.key} instead" if spec.fallback else ""))
+        results = [MetricResult(key=spec.key, metric=scorer.name, backend=spec.backend_label,
+                                backend_description=f"{label}: {exc}", higher_is_better=scorer.higher_is_better,
+                                n_items=len(group), error=f"backend unavailable: {exc}", task=task,
+                                unavailable=label).finalize() for task, group in groups]
+        if spec.fallback is not None:
+            for result in _evaluate_metric(suite, spec.fallback, items, ctx, backends, log, by_task):
+                result.backend_description = f"FALLBACK for {spec.key} ({spec.backend_label} {label}): " \
+                                             f"{result.backend_description}"
+                result.details["fallback_for"] = spec.key
+                results.append(result)
+        return results
+    scorer.check_backend(backend, spec.backend_label)
+    results = []
+    for task, group in groups:
+        result = scorer.new_result(spec.key, spec.backend_label, backend, group)
+        result.task = task
         start = time.perf_counter()
-        if applicable:
-            scorer.score(applicable, backend, result, ctx)
+        if group:
+            scorer.score(group, backend, result, ctx)
         result.details["elapsed_s"] = round(time.perf_counter() - start, 3)
         results.append(result.finalize())
         shown = "n/a" if result.value is None else f"{result.value:.4f}"
-        log(f"[eval] {spec.key} = {shown} ({result.n_scored}/{result.n_items} scored, {backend.describe()})")
+        log(f"[eval] {result.name} = {shown} ({result.n_scored}/{result.n_items} scored, {backend.describe()})")
     return results
 
 
@@ -168,7 +213,7 @@ def _pairing(
         if limit:
             rows = rows[:limit]
         requests = gen_dir / "requests.jsonl"
-        requests.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        write_text_atomic(requests, "".join(json.dumps(r) + "\n" for r in rows))
         produced = generator(requests, gen_dir)
         return pair_with_generated_manifest(produced, requests, None, split)
     if wavs is not None:

@@ -5,6 +5,7 @@ Schema (unknown keys are errors, so a typo never silently drops a metric)::
     name: speech                      # required; used for run names and default output dirs
     description: free text
     on_unavailable: error             # or "skip": report a backend that cannot load and go on
+    by_task: false                    # true: one result per task (tts, t2m, v2m...) per metric
     clip_policy: {min_duration_s: 0.3, silence_dbfs: -60}
     reference_set: path/to/folder     # optional FAD reference clips (folder or manifest);
                                       # relative to the suite file
@@ -13,6 +14,10 @@ Schema (unknown keys are errors, so a typo never silently drops a metric)::
         backend: whisper_base_offline # METRICS spec: name, import path, {class_path, init_args}
         key: wer_whisper_base         # optional column / MLflow name (default: the metric name)
         options: {language: en}       # optional scorer options (tasks, pooling, activation...)
+        on_unavailable: skip          # optional, overrides the suite's for this entry
+        fallback:                     # optional: scored instead when the backend cannot load,
+          backend: mel_stats          #   under its own key (default: the metric name + backend)
+          key: fad_mel_stats          #   and labelled as a fallback; options default to the entry's
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ from unimoe.registry import ComponentSpec
 from .clips import ClipPolicy
 from .errors import EvaluationError
 
-_SUITE_KEYS = {"name", "description", "on_unavailable", "clip_policy", "reference_set", "metrics"}
-_METRIC_KEYS = {"metric", "backend", "key", "options"}
+_SUITE_KEYS = {"name", "description", "on_unavailable", "by_task", "clip_policy", "reference_set", "metrics"}
+_METRIC_KEYS = {"metric", "backend", "key", "options", "on_unavailable", "fallback"}
+_FALLBACK_KEYS = {"backend", "key", "options"}
+_POLICIES = ("error", "skip")
 SUITE_DIR = Path(__file__).resolve().parents[2] / "evaluation"
 
 
@@ -39,6 +46,8 @@ class MetricSpec:
     backend: ComponentSpec
     key: str
     options: dict[str, Any] = field(default_factory=dict)
+    on_unavailable: str | None = None  # None: the suite's policy
+    fallback: "MetricSpec | None" = None  # same metric, another backend, its own key
 
     @property
     def backend_label(self) -> str:
@@ -55,6 +64,7 @@ class Suite:
     metrics: list[MetricSpec]
     description: str = ""
     on_unavailable: str = "error"
+    by_task: bool = False
     clip_policy: ClipPolicy = field(default_factory=ClipPolicy)
     reference_set: Path | None = None
     source: Path | None = None
@@ -74,8 +84,11 @@ def parse_suite(data: Any, where: str = "<dict>", base_dir: Path | None = None) 
     if not data.get("name"):
         raise _fail(where, "missing 'name'")
     on_unavailable = data.get("on_unavailable", "error")
-    if on_unavailable not in ("error", "skip"):
+    if on_unavailable not in _POLICIES:
         raise _fail(where, f"on_unavailable must be 'error' or 'skip', got {on_unavailable!r}")
+    by_task = data.get("by_task", False)
+    if not isinstance(by_task, bool):
+        raise _fail(where, f"by_task must be true or false, got {by_task!r}")
     raw_metrics = data.get("metrics")
     if not isinstance(raw_metrics, list) or not raw_metrics:
         raise _fail(where, "'metrics' must be a non-empty list")
@@ -92,9 +105,15 @@ def parse_suite(data: Any, where: str = "<dict>", base_dir: Path | None = None) 
         options = m.get("options") or {}
         if not isinstance(options, dict):
             raise _fail(where, f"{at}.options must be a mapping")
-        metrics.append(MetricSpec(metric=m["metric"], backend=m["backend"], key=str(m.get("key") or m["metric"]),
-                                  options=dict(options)))
-    keys = [m.key for m in metrics]
+        policy = m.get("on_unavailable")
+        if policy is not None and policy not in _POLICIES:
+            raise _fail(where, f"{at}.on_unavailable must be 'error' or 'skip', got {policy!r}")
+        spec = MetricSpec(metric=m["metric"], backend=m["backend"], key=str(m.get("key") or m["metric"]),
+                          options=dict(options), on_unavailable=policy)
+        if m.get("fallback") is not None:
+            spec.fallback = _parse_fallback(m["fallback"], spec, where, f"{at}.fallback")
+        metrics.append(spec)
+    keys = [k for m in metrics for k in ([m.key] + ([m.fallback.key] if m.fallback else []))]
     dupes = sorted({k for k in keys if keys.count(k) > 1})
     if dupes:
         raise _fail(where, f"duplicate metric key(s) {dupes}; give each entry a distinct 'key'")
@@ -110,7 +129,27 @@ def parse_suite(data: Any, where: str = "<dict>", base_dir: Path | None = None) 
         if not ref_path.is_absolute() and base_dir is not None:
             ref_path = base_dir / ref_path
     return Suite(name=str(data["name"]), metrics=metrics, description=str(data.get("description", "")),
-                 on_unavailable=on_unavailable, clip_policy=policy, reference_set=ref_path)
+                 on_unavailable=on_unavailable, by_task=by_task, clip_policy=policy, reference_set=ref_path)
+
+
+def _parse_fallback(raw: Any, primary: MetricSpec, where: str, at: str) -> MetricSpec:
+    """The ``fallback`` of a metric entry: the same metric on another backend."""
+    if isinstance(raw, str):
+        raw = {"backend": raw}
+    if not isinstance(raw, dict) or raw.get("backend") in (None, ""):
+        raise _fail(where, f"{at} must be a backend spec or a mapping with 'backend' (and optional 'key', 'options')")
+    bad = set(raw) - _FALLBACK_KEYS
+    if bad:
+        raise _fail(where, f"{at} has unknown key(s) {sorted(bad)}; allowed: {sorted(_FALLBACK_KEYS)}")
+    options = raw.get("options", primary.options)
+    if not isinstance(options, dict):
+        raise _fail(where, f"{at}.options must be a mapping")
+    spec = MetricSpec(metric=primary.metric, backend=raw["backend"], key="", options=dict(options))
+    spec.key = str(raw.get("key") or f"{primary.metric}_{spec.backend_label}")
+    if spec.key == primary.key:
+        raise _fail(where, f"{at}.key must differ from the entry's key {primary.key!r}: numbers from different "
+                           f"backends never share a name")
+    return spec
 
 
 def load_suite(path_or_name: str | Path) -> Suite:

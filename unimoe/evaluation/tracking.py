@@ -17,7 +17,9 @@ DEFAULT_EXPERIMENT = "unimoe-eval"
 
 
 def default_tracking_uri(out_dir: str | Path) -> str:
-    return f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"
+    from unimoe.mlflow_store import sqlite_tracking_uri
+
+    return sqlite_tracking_uri(out_dir)
 
 
 def log_report(
@@ -48,14 +50,17 @@ def log_report(
     run_id = run.info.run_id
     now = int(time.time() * 1000)
     metrics, params = [], [Param("suite", report.suite), Param("n_items", str(report.n_items))]
+    logged_backends = set()
     for m in report.metrics:
-        params.append(Param(f"backend.{m.key}", f"{m.backend}: {m.backend_description}"[:500]))
+        if m.key not in logged_backends:  # per-task results of one entry share its backend
+            params.append(Param(f"backend.{m.key}", f"{m.backend}: {m.backend_description}"[:500]))
+            logged_backends.add(m.key)
         if m.value is not None:
-            metrics.append(Metric(m.key, m.value, now, 0))
-            metrics.append(Metric(f"{m.key}.n_scored", float(m.n_scored), now, 0))
+            metrics.append(Metric(m.name, m.value, now, 0))
+            metrics.append(Metric(f"{m.name}.n_scored", float(m.n_scored), now, 0))
         for name, value in m.details.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                metrics.append(Metric(f"{m.key}.{name}", float(value), now, 0))
+                metrics.append(Metric(f"{m.name}.{name}", float(value), now, 0))
     for key, value in report.inputs.items():
         if value is not None:
             params.append(Param(f"input.{key}", str(value)[:500]))

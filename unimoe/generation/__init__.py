@@ -21,7 +21,7 @@ from unimoe.generation.inputs import InputError
 from unimoe.generation.outputs import write_clips
 from unimoe.generation.pipeline import CheckpointGenerator, build_generator, load_generator
 from unimoe.generation.requests import GenerationRequest, RequestError, read_requests
-from unimoe.generation.sampling import CodebookSampling, filter_logits, guide, mask_specials, sample
+from unimoe.generation.sampling import CodebookSampling, FrameSampler, counter_uniforms, guide
 from unimoe.generation.settings import GenerationSettings, SettingsError
 
 __all__ = [
@@ -40,10 +40,9 @@ __all__ = [
     "DecodeOutput",
     "ContextTooLong",
     "CodebookSampling",
+    "FrameSampler",
+    "counter_uniforms",
     "guide",
-    "mask_specials",
-    "filter_logits",
-    "sample",
     "write_clips",
     "load_generator",
     "build_generator",

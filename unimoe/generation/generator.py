@@ -62,16 +62,27 @@ class GeneratedClip:
 
 
 @contextlib.contextmanager
-def inference_mode(model: torch.nn.Module, router_top_p: float | None) -> Iterator[None]:
-    """Eval mode (no router jitter) and the router top-p override for the duration; both restored after."""
+def inference_mode(model: torch.nn.Module, router_top_p: float | None,
+                   experts_per_token: float | None = None) -> Iterator[None]:
+    """Eval mode (no router jitter) and the router top-p override or expert budget for the duration; all restored after."""
     was_training = model.training
     model.eval()
     if router_top_p is not None:
         model.set_top_p(router_top_p)
+    if experts_per_token is not None:
+        if model.config.moe is None:
+            raise GenerationError("an expert budget (--experts-per-token) needs an MoE model; this one is dense")
+        try:
+            model.set_expert_budget(experts_per_token)
+        except (TypeError, ValueError) as exc:
+            model.set_expert_budget(None)
+            raise GenerationError(f"cannot hold {experts_per_token} experts per token: {exc}") from exc
     try:
         with torch.no_grad():
             yield
     finally:
+        if experts_per_token is not None:
+            model.set_expert_budget(None)
         if router_top_p is not None:
             model.set_top_p(None)
         model.train(was_training)
@@ -170,7 +181,7 @@ class Generator:
     def generate_prepared(self, prepared: Sequence[PreparedRequest]) -> list[GeneratedClip]:
         clips: list[GeneratedClip] = []
         size = self.settings.batch_size
-        with inference_mode(self.model, self.settings.router_top_p):
+        with inference_mode(self.model, self.settings.router_top_p, self.settings.experts_per_token):
             for start in range(0, len(prepared), size):
                 clips += self._generate_batch(list(prepared[start: start + size]))
         return clips
@@ -180,12 +191,13 @@ class Generator:
         device = self.model.audio_head.weight.device
         cond = [item.cond for item in batch]
         uncond = [item.uncond for item in batch] if s.uses_cfg else None
-        generators = [torch.Generator(device=device).manual_seed(item.seed) for item in batch]
         out = decode(
             self.model, cond, uncond, self.sampling,
             max_frames=[frames_for(s.max_seconds, self.frame_rate)] * len(batch),
             min_frames=frames_for(s.min_seconds, self.frame_rate),
-            cfg_scale=s.cfg_scale, use_cache=s.use_cache, generators=generators, routing_stats=s.routing_stats,
+            cfg_scale=s.cfg_scale, use_cache=s.use_cache, cache=s.cache, compile=s.compile,
+            seeds=[item.seed for item in batch],
+            routing_stats=s.routing_stats or s.experts_per_token is not None,  # a budget is reported
         )
         codes = [segment_to_codes(seg.cpu(), self.config.delays, self.model.specials) for seg in out.segments]
         wavs, codec_seconds = self._decode_audio(codes)
@@ -197,8 +209,11 @@ class Generator:
             "codec_seconds": round(codec_seconds, 4),
             "frames_per_second": round(sum(out.num_frames) / max(out.seconds, 1e-9), 2),
             "real_time_factor": round((out.seconds + codec_seconds) / max(audio_seconds, 1e-9), 4),
+            "cache": out.cache,
+            "compiled": out.compiled,
+            **self._budget(out),
         }
-        router_top_p = effective_router_top_p(self.model)
+        router_top_p = None if s.experts_per_token is not None else effective_router_top_p(self.model)
         clips = []
         for i, item in enumerate(batch):
             wav = wavs[i] if wavs is not None else None
@@ -237,6 +252,17 @@ class Generator:
                 wav = self.codec.decode(c.unsqueeze(0).to(self.codec.device))  # [1, 1, T * hop]
                 wavs.append(wav[0, 0].float().cpu())
         return wavs, time.perf_counter() - start
+
+    def _budget(self, out: DecodeOutput) -> dict[str, Any]:
+        """With ``experts_per_token``: the target and what the batch's decoded tokens used (mean over layers)."""
+        target = self.settings.experts_per_token
+        if target is None:
+            return {}
+        if out.expert_sums is None or float(out.expert_tokens.sum()) == 0:
+            return {"expert_budget": {"target": target, "batch_mean": None, "relative_error": None}}
+        mean = float(out.expert_sums.sum(0).div(out.expert_tokens.sum()).mean())
+        return {"expert_budget": {"target": target, "batch_mean": round(mean, 4),
+                                  "relative_error": round((mean - target) / target, 4)}}
 
     def _experts(self, out: DecodeOutput, i: int) -> dict[str, Any]:
         """Activated (real, routed) experts per decoded token of request ``i``: mean and per MoE layer."""

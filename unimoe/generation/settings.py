@@ -1,4 +1,4 @@
-"""What a generation run is asked to do: sampling, guidance, limits and adaptive compute.
+"""What a generation run is asked to do: sampling, guidance, limits, adaptive compute and speed.
 
 A plain dataclass so the CLI, the evaluation seam (``build_generator(ckpt, **options)``)
 and the training stage's sample callback all name the same fields. Defaults follow the
@@ -42,8 +42,15 @@ class GenerationSettings:
     """Longer voice-cloning references are trimmed to this (with a message)."""
     router_top_p: Optional[float] = None
     """Override the MoE routers' top-p while generating (adaptive compute); None = trained value."""
+    experts_per_token: Optional[float] = None
+    """Hold this mean number of real routed experts per token (a PI controller on every router's
+    threshold, :mod:`unimoe.moe.budget`) instead of a fixed top-p; None = off."""
     use_cache: bool = True
     """KV-cache decoding; False recomputes the whole sequence every step (reference / benchmark)."""
+    cache: str = "static"
+    """``static`` (fixed shapes, finished rows masked; needed by ``compile``) or ``dynamic`` (drops finished rows)."""
+    compile: bool = False
+    """Compile the decoding step with ``torch.compile`` (CUDA graphs on a GPU); same tokens as eager at temperature 0."""
     routing_stats: bool = True
     """Count activated experts per token for the sidecar (on a GPU: one host sync per MoE layer and step)."""
     seed: int = 0
@@ -77,6 +84,17 @@ class GenerationSettings:
             raise SettingsError(f"GenerationSettings.max_prompt_seconds must be > 0, got {self.max_prompt_seconds}")
         if self.router_top_p is not None and not 0 < self.router_top_p <= 1:
             raise SettingsError(f"GenerationSettings.router_top_p must be in (0, 1], got {self.router_top_p}")
+        if self.experts_per_token is not None:
+            if not isinstance(self.experts_per_token, (int, float)) or not math.isfinite(self.experts_per_token) \
+                    or self.experts_per_token <= 0:
+                raise SettingsError(f"GenerationSettings.experts_per_token must be > 0, got {self.experts_per_token!r}")
+            if self.router_top_p is not None:
+                raise SettingsError("GenerationSettings.experts_per_token and router_top_p both set: a budget moves "
+                                    "the top-p itself; give one of them")
+        if self.cache not in ("static", "dynamic"):
+            raise SettingsError(f"GenerationSettings.cache must be 'static' or 'dynamic', got {self.cache!r}")
+        if self.compile and (not self.use_cache or self.cache != "static"):
+            raise SettingsError("GenerationSettings.compile needs the static KV cache (use_cache=True, cache='static')")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise SettingsError(f"GenerationSettings.batch_size must be a positive int, got {self.batch_size}")
         if not isinstance(self.seed, int):

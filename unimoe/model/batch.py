@@ -111,6 +111,7 @@ class Batch:
     task_ids: Tensor  # [B, L] long
     lengths: Tensor  # [B] long
     video: Tensor | None = None  # [N, F, 3, H, W] float
+    example_ids: tuple[str, ...] | None = None  # [B] the examples' ids (training data), for error messages
 
     @property
     def batch_size(self) -> int:

@@ -125,23 +125,24 @@ def segment_to_codes(delayed: Tensor, delays: Sequence[int], specials: CodecSpec
     return codes
 
 
-def forced_tokens(step: Tensor, eos_frame: Tensor, delays: Sequence[int], specials: CodecSpecials) -> tuple[Tensor, Tensor]:
+def forced_tokens(step: Tensor, eos_frame: Tensor, delays: Sequence[int] | Tensor,
+                  specials: CodecSpecials) -> tuple[Tensor, Tensor]:
     """The tokens the delay pattern dictates during generation (so the sampler may not choose them).
 
-    ``step [B]``: delayed index of the frame being predicted inside the target segment
-    (0 is the BOS frame, so decoding predicts steps 1, 2, ...). ``eos_frame [B]``: undelayed
+    ``step [B]`` (or one 0-dim step for every row): delayed index of the frame being predicted
+    inside the target segment (0 is the BOS frame, so decoding predicts steps 1, 2, ...).
+    ``delays``: a list or a ``[C]`` long tensor on ``step``'s device. ``eos_frame [B]``: undelayed
     frame index at which EOS was decided (``T + 1`` in the module doc; ``step - delays[k]``
     when codebook ``k`` emitted it at ``step``), or -1 while running.
     Returns ``(mask [B, C] bool, values [B, C] long)``: where ``mask`` is True the token is
     BOS (stream not started), EOS (its delayed end) or PAD (after it).
     """
-    src = step.long().unsqueeze(1) - torch.as_tensor(list(delays), device=step.device).unsqueeze(0)  # [B, C]
+    d = delays if isinstance(delays, Tensor) else torch.as_tensor(list(delays), device=step.device)
+    src = step.long().reshape(-1, 1) - d.unsqueeze(0)  # [B, C] (or [1, C] for one shared step)
     eos_frame = eos_frame.long().unsqueeze(1)
     ended = eos_frame >= 0
     is_bos = src <= 0
     is_eos = ended & (src == eos_frame)
     is_pad = ended & (src > eos_frame)
-    values = torch.full_like(src, specials.pad)
-    values = torch.where(is_eos, torch.full_like(src, specials.eos), values)
-    values = torch.where(is_bos, torch.full_like(src, specials.bos), values)
+    values = torch.where(is_bos, specials.bos, torch.where(is_eos, specials.eos, specials.pad))
     return is_bos | is_eos | is_pad, values

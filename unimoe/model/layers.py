@@ -7,6 +7,7 @@ without importing the whole language model (and the model can import the encoder
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unimoe.model.rope import rope_inv_freq
@@ -21,9 +22,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # no casts to dispatch
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
 def rotate_half(x: Tensor, groups: int = 1) -> Tensor:
@@ -42,12 +43,26 @@ def rope_cos_sin(
     """``positions [B, L]`` -> ``cos, sin [B, 1, L, head_dim]`` (computed per call: no length limit).
 
     ``scaling``: a pretrained LM's RoPE scaling (:func:`unimoe.model.rope.rope_inv_freq`).
+    ``sin`` carries the sign of the rotation (``-sin`` on the first half, ``+sin`` on the second),
+    so :func:`apply_rope` is ``x * cos + roll(x) * sin``: one roll instead of two slices, a
+    negation and a cat, with the same values as ``x * cos + rotate_half(x) * |sin|``.
     """
     inv_freq = rope_inv_freq(head_dim, theta, scaling, device=positions.device)  # [hd/2]
     angles = positions.float().unsqueeze(-1) * inv_freq  # [B, L, hd/2]
-    angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    sin = angles.sin()
+    cos = torch.cat([angles.cos()] * 2, dim=-1).unsqueeze(1)
+    return cos.to(dtype), torch.cat([-sin, sin], dim=-1).unsqueeze(1).to(dtype)
+
+
+def rope_table(
+    length: int, head_dim: int, theta: float, *, dtype: torch.dtype, device=None, scaling: dict | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``cos, sin [length, head_dim]`` of positions ``0 .. length - 1`` (the values :func:`rope_cos_sin` gives),
+    for a fixed-shape decoding cache to look up."""
+    cos, sin = rope_cos_sin(torch.arange(length, device=device).unsqueeze(0), head_dim, theta, dtype, scaling)
+    return cos[0, 0], sin[0, 0]
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    return x * cos + rotate_half(x) * sin
+    """Rotate ``x [..., hd]`` by the angles of :func:`rope_cos_sin` (``sin`` signed)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin

@@ -64,7 +64,9 @@ def active_experts_range(layer: MoELayer) -> tuple[int, int]:
     """
     num_dynamic, num_real = layer.num_experts, layer.num_real_experts
     num_null = num_dynamic - num_real
-    if layer.top_p is not None:
+    if hasattr(layer.router, "max_selected"):  # top-p, with or without an expert budget
+        lo, hi = 1, layer.router.max_selected()
+    elif layer.top_p is not None:
         lo, hi = 1, max_experts_for(layer.top_p, num_dynamic)
     elif getattr(layer.router, "top_k", None) is not None:
         lo = hi = int(layer.router.top_k)

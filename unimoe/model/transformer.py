@@ -1,15 +1,17 @@
 """The audio language model: a decoder-only transformer over text, codec frames and video.
 
-Reading order: :class:`KVCache`, :class:`Attention`, :class:`Block`, :class:`AudioLM`
-(RMSNorm and the rotary helpers are in :mod:`unimoe.model.layers`). One position of the sequence is a text token, a delayed
-codec frame (the sum of its ``C`` codebook embeddings) or a visual soft token; one linear
-head predicts all ``C`` codebooks of the next frame at once (``hidden -> C x V``). The FFN
-of a block is a dense SwiGLU (specialists) or the Dynamic-Capacity MoE layer; both return
+Reading order: :class:`Attention`, :class:`Block`, :class:`AudioLM` (RMSNorm and the
+rotary helpers are in :mod:`unimoe.model.layers`, the decoding caches in
+:mod:`unimoe.model.kv_cache`). One position of the sequence is a text token, a delayed codec
+frame (the sum of its ``C`` codebook embeddings) or a visual soft token; one linear head
+predicts all ``C`` codebooks of the next frame at once (``hidden -> C x V``). The FFN of a
+block is a dense SwiGLU (specialists) or the Dynamic-Capacity MoE layer; both return
 ``(y, routing_info_or_None)``, so the block does not care which.
 
-Incremental decoding uses a preallocated :class:`KVCache` with a length per row: prompts
-of different lengths are right-padded (the same layout as training) and each row appends
-its new tokens at its own length, so no left padding or position shifting is needed.
+Incremental decoding writes keys/values into a preallocated cache with a length per row
+(:mod:`unimoe.model.kv_cache`): prompts of different lengths are right-padded (the same
+layout as training) and each row appends its new tokens at its own length, so no left
+padding or position shifting is needed. :meth:`AudioLM.step` is the decoding step.
 """
 
 from __future__ import annotations
@@ -25,83 +27,15 @@ from torch.utils.checkpoint import checkpoint
 from unimoe.model.batch import IGNORE_INDEX, Batch, Modality
 from unimoe.model.config import AudioLMConfig
 from unimoe.model.delay import CodecSpecials
+from unimoe.model.kv_cache import KVCache, StaticKVCache
 from unimoe.model.layers import RMSNorm, apply_rope, rope_cos_sin, rotate_half  # noqa: F401  (re-exported)
 from unimoe.model.params import count_parameters, params_on_meta
 from unimoe.model.vision import build_vision_encoder
 from unimoe.moe.ffn import SwiGLU
 from unimoe.moe.layer import build_moe_layer
-from unimoe.moe.stats import LayerMeans, RoutingInfo, mean_over_layers
+from unimoe.moe.stats import ExpertCounts, LayerMeans, RoutingInfo, StatsMode, mean_over_layers
 
-
-# ---------------------------------------------------------------------- KV cache
-class KVCache:
-    """Preallocated keys/values for every layer: ``[layers, B, kv_heads, max_len, head_dim]``.
-
-    ``lengths [B]`` counts the valid positions of each row. A forward step of ``S`` tokens
-    writes row ``b``'s tokens at ``lengths[b] .. lengths[b] + S - 1`` (also their RoPE
-    positions), then each row advances by its number of real tokens in the step, so
-    right-padded prompts of different lengths prefill together and decode in lockstep.
-    Slots past a row's length may hold stale values; the attention mask never reads them
-    and the next step overwrites them. Use under ``torch.no_grad()``.
-    """
-
-    def __init__(
-        self,
-        num_layers: int,
-        batch_size: int,
-        num_kv_heads: int,
-        head_dim: int,
-        max_len: int,
-        *,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-    ) -> None:
-        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.max_len = max_len
-        self._bound = 0  # host-side upper bound of lengths.max(): avoids a device sync per step
-
-    @property
-    def batch_size(self) -> int:
-        return self.k.shape[1]
-
-    def positions(self, steps: int) -> Tensor:
-        """Cache slots (= RoPE positions) of the next ``steps`` tokens of each row: ``[B, S]``."""
-        if self._bound + steps > self.max_len:
-            raise ValueError(
-                f"KVCache is full: {self._bound} positions used + {steps} new > max_len {self.max_len}; "
-                f"allocate a longer cache (model.new_cache(..., max_len=...))"
-            )
-        return self.lengths.unsqueeze(1) + torch.arange(steps, device=self.lengths.device)
-
-    def attention_mask(self, positions: Tensor) -> Tensor:
-        """``[B, 1, S, kv_len]`` bool: query at position p sees cache slots ``<= p``."""
-        kv_len = self._bound + positions.shape[1]
-        slots = torch.arange(kv_len, device=positions.device)
-        return (slots.view(1, 1, 1, -1) <= positions.view(positions.shape[0], 1, -1, 1))
-
-    def write(self, layer: int, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store ``k, v [B, kv_heads, S, hd]`` at ``positions [B, S]``; return the readable prefix."""
-        index = positions.view(positions.shape[0], 1, -1, 1).expand_as(k)
-        self.k[layer].scatter_(2, index, k.to(self.k.dtype))
-        self.v[layer].scatter_(2, index, v.to(self.v.dtype))
-        kv_len = self._bound + positions.shape[1]
-        return self.k[layer, :, :, :kv_len], self.v[layer, :, :, :kv_len]
-
-    def advance(self, steps: int, input_lengths: Tensor | None = None) -> None:
-        """After a step of ``steps`` tokens: rows grow by ``input_lengths [B]`` (default all)."""
-        self.lengths += steps if input_lengths is None else input_lengths.to(self.lengths)
-        self._bound = min(self.max_len, self._bound + steps)
-
-    def select(self, rows: Tensor) -> None:
-        """Keep (and reorder) batch rows, e.g. drop finished requests."""
-        self.k, self.v, self.lengths = self.k[:, rows], self.v[:, rows], self.lengths[rows]
-
-    def reset(self) -> None:
-        self.lengths.zero_()
-        self._bound = 0
+DecodeCache = KVCache | StaticKVCache
 
 
 # ---------------------------------------------------------------------- blocks
@@ -122,7 +56,7 @@ class Attention(nn.Module):
         x: Tensor,
         cos: Tensor,
         sin: Tensor,
-        cache: KVCache | None = None,
+        cache: DecodeCache | None = None,
         positions: Tensor | None = None,
         mask: Tensor | None = None,
     ) -> Tensor:
@@ -133,10 +67,29 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.write(self.layer_index, positions, k, v)  # [B, KV, kv_len, hd]
-            k, v = k.to(q.dtype), v.to(q.dtype)
-        # Without a cache, right padding makes the plain causal mask exact for real tokens.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+            if k.dtype != q.dtype:
+                k, v = k.to(q.dtype), v.to(q.dtype)
+        if L == 1 and mask is not None and torch.compiler.is_compiling():
+            y = single_query_attention(q, k, v, mask)  # compiled decoding: inductor fuses it; a kernel call does not
+        else:
+            # Without a cache, right padding makes the plain causal mask exact for real tokens.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))
+
+
+def single_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Attention of one query per row, written out: ``q [B, H, 1, hd]``, ``k, v [B, KV, T, hd]``,
+    ``mask [B, 1, 1, T]`` bool -> ``[B, H, 1, hd]``.
+
+    Grouped-query heads are a reshape (head ``h`` reads kv head ``h // (H / KV)``, as SDPA's
+    ``enable_gqa``), so no key is copied. Under ``torch.compile`` this becomes two small matmuls
+    and one fused softmax kernel, cheaper for a single query than the flash-attention kernel.
+    """
+    B, H, _, hd = q.shape
+    KV = k.shape[1]
+    scores = q.reshape(B, KV, H // KV, hd) @ k.transpose(-1, -2) * hd ** -0.5  # [B, KV, G, T]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(dim=-1) @ v).reshape(B, H, 1, hd)
 
 
 class Block(nn.Module):
@@ -157,12 +110,13 @@ class Block(nn.Module):
         sin: Tensor,
         token_mask: Tensor | None,
         task_ids: Tensor | None,
-        cache: KVCache | None = None,
+        cache: DecodeCache | None = None,
         positions: Tensor | None = None,
         mask: Tensor | None = None,
-    ) -> tuple[Tensor, RoutingInfo | None]:
+        stats: StatsMode = "full",
+    ) -> tuple[Tensor, RoutingInfo | ExpertCounts | None]:
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, positions, mask)
-        y, info = self.ffn(self.ffn_norm(x), token_mask, task_ids)
+        y, info = self.ffn(self.ffn_norm(x), token_mask, task_ids, stats=stats)
         return x + y, info
 
 
@@ -277,14 +231,31 @@ class AudioLM(nn.Module):
             x = x + 0.0 * self.vision(blank).sum().to(x.dtype)
         return x
 
+    def embed_audio(self, codes: Tensor) -> Tensor:
+        """Embeddings ``[B, S, D]`` of audio frames ``codes [B, C, S]`` (what :meth:`embed` gives audio positions)."""
+        B, C, S = codes.shape
+        rows = (codes + self.codebook_offsets.view(1, C, 1)).transpose(1, 2).reshape(B * S, C)
+        return F.embedding_bag(rows, self.audio_embed.weight, mode="sum").view(B, S, -1)
+
     def new_cache(
         self, batch_size: int, max_len: int | None = None, *, dtype: torch.dtype | None = None, device=None
     ) -> KVCache:
-        """An empty cache for ``batch_size`` rows (default length ``config.max_seq_len``)."""
+        """An empty dynamic cache for ``batch_size`` rows (default length ``config.max_seq_len``)."""
         ref = self.audio_head.weight
         return KVCache(
             self.config.num_layers, batch_size, self.config.num_kv_heads, self.config.head_size,
             max_len or self.config.max_seq_len, dtype=dtype or ref.dtype, device=device or ref.device,
+        )
+
+    def new_static_cache(
+        self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None, device=None
+    ) -> StaticKVCache:
+        """An empty fixed-shape cache (compiled decoding); ``max_len`` must hold prompt + every step."""
+        ref = self.audio_head.weight
+        return StaticKVCache(
+            self.config.num_layers, batch_size, self.config.num_kv_heads, self.config.head_size, max_len,
+            rope_theta=self.config.rope_theta, rope_scaling=self.config.rope_scaling,
+            dtype=dtype or ref.dtype, device=device or ref.device,
         )
 
     def backbone(
@@ -294,31 +265,37 @@ class AudioLM(nn.Module):
         token_mask: Tensor | None = None,
         task_ids: Tensor | None = None,
         position_ids: Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: DecodeCache | None = None,
         input_lengths: Tensor | None = None,
-    ) -> tuple[Tensor, list[RoutingInfo | None]]:
+        stats: StatsMode = "full",
+    ) -> tuple[Tensor, list[RoutingInfo | ExpertCounts | None]]:
         """Embeddings ``[B, L, D]`` -> final-norm hidden ``[B, L, D]`` and per-layer routing.
 
         With a cache the positions come from it and the cache advances by
         ``input_lengths`` (default: every row by L); otherwise ``position_ids`` (default arange).
+        ``stats`` is what the MoE layers report (``"counts"``: experts per token only).
         """
         B, L, _ = x.shape
         mask = positions = None
+        rope = None
         if cache is not None:
             if cache.batch_size != B:
                 raise ValueError(f"cache holds {cache.batch_size} rows but the input has {B}")
             positions = cache.positions(L)
             mask = cache.attention_mask(positions)
+            rope = cache.rope(positions)
             rope_pos = positions
         else:
             rope_pos = position_ids if position_ids is not None else torch.arange(L, device=x.device).expand(B, L)
-        cos, sin = rope_cos_sin(rope_pos, self.config.head_size, self.config.rope_theta, x.dtype, self.config.rope_scaling)
-        routing: list[RoutingInfo | None] = []
+        cos, sin = rope if rope is not None else rope_cos_sin(
+            rope_pos, self.config.head_size, self.config.rope_theta, x.dtype, self.config.rope_scaling
+        )
+        routing: list[RoutingInfo | ExpertCounts | None] = []
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and cache is None:
                 x, info = checkpoint(block, x, cos, sin, token_mask, task_ids, use_reentrant=False)
             else:
-                x, info = block(x, cos, sin, token_mask, task_ids, cache, positions, mask)
+                x, info = block(x, cos, sin, token_mask, task_ids, cache, positions, mask, stats=stats)
             routing.append(info)
         if cache is not None:
             cache.advance(L, input_lengths)
@@ -334,27 +311,30 @@ class AudioLM(nn.Module):
         self,
         batch: Batch,
         *,
-        cache: KVCache | None = None,
+        cache: DecodeCache | None = None,
         logits: Literal["all", "last", "none"] = "all",
         text_logits: bool = False,
+        stats: StatsMode = "full",
     ) -> AudioLMOutput:
         """Run a collated :class:`Batch` (training, evaluation, or a prefill into ``cache``).
 
         Losses are computed when ``batch.labels`` is set, on the labelled positions only
         (the head is not applied to text, vision, prompt or padding positions for the loss),
         so training should pass ``logits="none"``: full logits are ``B x L x C x V`` floats.
-        ``logits="last"`` gives each row's next-frame logits after a prefill.
+        ``logits="last"`` gives each row's next-frame logits after a prefill. ``stats="counts"``
+        (decoding) makes the MoE layers report experts per token only; ``aux`` is then None.
         """
         if batch.video is None and bool((batch.modality == Modality.VISION).any()):
             raise ValueError("batch has vision positions but no video frames")
+        self.begin_forward()
         x = self.embed(batch.text_ids, batch.audio_codes, batch.modality, batch.video)
         token_mask = batch.attention_mask
         hidden, routing = self.backbone(
             x, token_mask=token_mask, task_ids=batch.task_ids, position_ids=batch.position_ids,
-            cache=cache, input_lengths=token_mask.sum(1) if cache is not None else None,
+            cache=cache, input_lengths=token_mask.sum(1) if cache is not None else None, stats=stats,
         )
         out = AudioLMOutput(logits=None, hidden=hidden, routing=routing)
-        out.aux = mean_over_layers(routing)
+        out.aux = mean_over_layers(routing) if stats == "full" else None
         if logits == "all":
             out.logits = self.head(hidden)
         elif logits == "last":
@@ -375,22 +355,37 @@ class AudioLM(nn.Module):
         weight = self.text_embed.weight if self.config.tie_text_head else self.text_head.weight
         return F.linear(hidden, weight).float()
 
-    def step(self, codes: Tensor, cache: KVCache, *, task_ids: Tensor | None = None) -> AudioLMOutput:
+    def step(
+        self,
+        codes: Tensor,
+        cache: DecodeCache,
+        *,
+        task_ids: Tensor | None = None,
+        token_mask: Tensor | None = None,
+        stats: StatsMode = "full",
+    ) -> AudioLMOutput:
         """Decode: append audio frames ``codes [B, C]`` (or ``[B, C, S]``) to every row of ``cache``.
 
-        Returns logits ``[B, S, C, V]`` for the frame after each appended one.
+        Returns logits ``[B, S, C, V]`` for the frame after each appended one. ``token_mask``
+        (``[B]`` or ``[B, S]`` bool) keeps rows out of the MoE routing (finished requests of a
+        fixed-shape batch: no expert compute, not counted); ``stats="counts"`` makes the MoE
+        layers report only experts per token (:class:`~unimoe.moe.stats.ExpertCounts`), which
+        is all decoding needs, and leaves ``aux`` None.
         """
         if codes.dim() == 2:
             codes = codes.unsqueeze(-1)
         B, C, S = codes.shape
         if C != self.config.num_codebooks:
             raise ValueError(f"codes has {C} codebooks, the model {self.config.num_codebooks}")
-        modality = torch.full((B, S), int(Modality.AUDIO), dtype=torch.long, device=codes.device)
-        x = self.embed(torch.zeros_like(modality), codes, modality)
         if task_ids is not None and task_ids.dim() == 1:
             task_ids = task_ids.unsqueeze(1).expand(B, S)
-        hidden, routing = self.backbone(x, token_mask=None, task_ids=task_ids, cache=cache)
-        return AudioLMOutput(logits=self.head(hidden), hidden=hidden, routing=routing, aux=mean_over_layers(routing))
+        if token_mask is not None and token_mask.dim() == 1:
+            token_mask = token_mask.unsqueeze(1).expand(B, S)
+        self.begin_forward()
+        hidden, routing = self.backbone(self.embed_audio(codes), token_mask=token_mask, task_ids=task_ids, cache=cache,
+                                        stats=stats)
+        aux = mean_over_layers(routing) if stats == "full" else None
+        return AudioLMOutput(logits=self.head(hidden), hidden=hidden, routing=routing, aux=aux)
 
     def _loss(self, out: AudioLMOutput, labels: Tensor, task_ids: Tensor | None, full_logits: Tensor | None) -> None:
         """Per-codebook mean CE over labelled positions, summed over codebooks; per task too."""
@@ -424,11 +419,25 @@ class AudioLM(nn.Module):
             present = (cnts.sum(1) > 0).tolist()
             out.task_losses = {t: per_task[t] for t in range(num_tasks) if present[t]}
 
+    def begin_forward(self) -> None:
+        """Called once per model-level forward (not per checkpointed recompute): routers with a
+        feedback controller apply the update measured in the previous forward here."""
+        for block in self.blocks:
+            if block.is_moe:
+                block.ffn.router.begin_forward()
+
     def set_top_p(self, top_p: float | None) -> None:
         """Override the top-p of every MoE layer (adaptive compute at inference); None restores it."""
         for block in self.blocks:
             if block.is_moe:
                 block.ffn.top_p = top_p
+
+    def set_expert_budget(self, experts_per_token: float | None) -> None:
+        """Hold a mean number of real experts per token in every MoE layer (a feedback controller on
+        the routers' threshold, :mod:`unimoe.moe.budget`); None removes it."""
+        for block in self.blocks:
+            if block.is_moe:
+                block.ffn.router.set_budget(experts_per_token)
 
     # ------------------------------------------------------------------ accounting
     def num_parameters(self, active: int | str | None = None) -> int:

@@ -16,6 +16,12 @@ from unimoe.moe.losses import AuxLossSchedule
 from unimoe.moe.stats import mean_over_layers
 from unimoe.registry import ComponentField, plain_spec
 
+DISPATCH_CHOICES: tuple[str, ...] = ("auto", "grouped", "small_batch", "dense")
+"""How an MoE layer runs its routed experts (see :mod:`unimoe.moe.layer`)."""
+DEFAULT_SMALL_BATCH_ROWS = 8
+"""With ``dispatch="auto"``: forwards of at most this many tokens take a small-batch path
+(measured crossover on CPU: ``unimoe bench generate``, section ``moe_dispatch``)."""
+
 if TYPE_CHECKING:
     from torch import Tensor
 
@@ -39,6 +45,8 @@ class MoEConfig:
     entropy_loss_coef:        weight of the routing-entropy loss (0 = off)
     load_balance:             schedule of the load-balance loss weight (paper: 0.025 -> 0.001 / 10k steps)
     grouped_mm:               expert GEMMs: ``auto`` (grouped kernel where native), ``grouped``, ``loop``
+    dispatch:                 how routed experts run: ``auto`` (by row count), ``grouped``, ``small_batch``, ``dense``
+    small_batch_rows:         with ``auto``, forwards of at most this many tokens use a small-batch path (decoding)
     """
 
     num_routed_experts: int = 8
@@ -54,6 +62,8 @@ class MoEConfig:
     entropy_loss_coef: float = 0.0
     load_balance: AuxLossSchedule = field(default_factory=AuxLossSchedule)
     grouped_mm: Literal["auto", "grouped", "loop"] = "auto"
+    dispatch: Literal["auto", "grouped", "small_batch", "dense"] = "auto"
+    small_batch_rows: int = DEFAULT_SMALL_BATCH_ROWS
 
     def __post_init__(self) -> None:
         self.router, self.expert = plain_spec(self.router), plain_spec(self.expert)
@@ -71,6 +81,9 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.shared_gating must be 'weighted' or 'unweighted', got {self.shared_gating!r}")
         if self.grouped_mm not in GROUPED_IMPLS:
             raise ValueError(f"MoEConfig.grouped_mm must be one of {GROUPED_IMPLS}, got {self.grouped_mm!r}")
+        if self.dispatch not in DISPATCH_CHOICES:
+            raise ValueError(f"MoEConfig.dispatch must be one of {DISPATCH_CHOICES}, got {self.dispatch!r}")
+        _non_negative("small_batch_rows", self.small_batch_rows)
         for name in ("z_loss_coef", "entropy_loss_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"MoEConfig.{name} must be >= 0, got {getattr(self, name)}")

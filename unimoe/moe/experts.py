@@ -26,6 +26,9 @@ class ExpertGroup(nn.Module):
     """
 
     takes_tokens: bool = True
+    supports_small_batch: bool = False
+    """True when :meth:`expert_forward` and :meth:`all_experts_forward` are implemented (the
+    decoding paths of :mod:`unimoe.moe.small_batch`); otherwise the grouped path is always used."""
     expert_parallel: bool = False
     """True: every parameter stacks the experts on dim 0 and forward reads it through
     :func:`local_experts`, so the group can be split over EP ranks (unimoe.moe.expert_parallel)."""
@@ -44,6 +47,14 @@ class ExpertGroup(nn.Module):
         gradient (possibly zero) for it every step.
         """
         raise NotImplementedError
+
+    def expert_forward(self, x: Tensor, expert: int) -> Tensor:
+        """Local expert ``expert`` on every row: ``x [T, D]`` -> ``[T, D]``."""
+        raise NotImplementedError(f"{type(self).__name__} has no single-expert path")
+
+    def all_experts_forward(self, x: Tensor) -> Tensor:
+        """Every expert on every row: ``x [T, D]`` -> ``[E_g, T, D]``."""
+        raise NotImplementedError(f"{type(self).__name__} has no all-experts path")
 
 
 def local_experts(param: Tensor) -> Tensor:
@@ -66,6 +77,7 @@ class SwiGLUExperts(ExpertGroup):
     this rank's experts only.
     """
 
+    supports_small_batch = True
     expert_parallel = True
 
     def __init__(
@@ -94,6 +106,16 @@ class SwiGLUExperts(ExpertGroup):
         h = grouped_mm(x, w_gate_up, offsets, impl=self.impl, exact_rows=True)  # [N, 2F]
         gate, up = h.split(f, dim=-1)
         return grouped_mm(torch.nn.functional.silu(gate) * up, w_down, offsets, impl=self.impl, exact_rows=True)
+
+    def expert_forward(self, x: Tensor, expert: int) -> Tensor:
+        return swiglu(x, self.gate_up_proj[expert].to(x.dtype), self.down_proj[expert].to(x.dtype))
+
+    def all_experts_forward(self, x: Tensor) -> Tensor:
+        e, _, f, d = self.gate_up_proj.shape
+        w_gate_up = self.gate_up_proj.to(x.dtype).reshape(e, 2 * f, d).transpose(1, 2)  # [E, D, 2F]
+        h = torch.matmul(x.unsqueeze(0), w_gate_up)  # [E, T, 2F]
+        gate, up = h.split(f, dim=-1)
+        return torch.matmul(torch.nn.functional.silu(gate) * up, self.down_proj.to(x.dtype).transpose(1, 2))  # [E, T, D]
 
     def extra_repr(self) -> str:
         return (

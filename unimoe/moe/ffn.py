@@ -59,9 +59,13 @@ class SwiGLU(nn.Module):
     def reset_parameters(self) -> None:
         init_swiglu_(self.gate_up_proj, self.down_proj)
 
-    def forward(self, x: Tensor, token_mask: Tensor | None = None, task_ids: Tensor | None = None) -> tuple[Tensor, None]:
-        """x [B, L, D] -> ([B, L, D], None); mask and task ids are accepted and unused."""
-        w1, w2 = self.gate_up_proj.to(x.dtype), self.down_proj.to(x.dtype)
+    def forward(
+        self, x: Tensor, token_mask: Tensor | None = None, task_ids: Tensor | None = None, *, stats: str = "full"
+    ) -> tuple[Tensor, None]:
+        """x [B, L, D] -> ([B, L, D], None); mask, task ids and stats mode are accepted and unused."""
+        w1, w2 = self.gate_up_proj, self.down_proj
+        if w1.dtype != x.dtype:
+            w1, w2 = w1.to(x.dtype), w2.to(x.dtype)
         return swiglu(x, w1, w2), None
 
     def extra_repr(self) -> str:

@@ -9,28 +9,40 @@
   ``v_s`` and the total mass of the dynamic part, which is spread over the selected
   experts by the router's normalised weights: ``w_e = mass * w_router_e``.
   ``"unweighted"``: ``w_e = w_router_e`` and ``v_s = 1``.
+
+How the routed experts run is a separate choice (:data:`DISPATCH_PATHS`): the sorted,
+grouped-GEMM path of :mod:`unimoe.moe.dispatch` for training-sized batches, and for a few
+rows (decoding) the paths of :mod:`unimoe.moe.small_batch`. ``dispatch="auto"`` picks by
+row count: ``grouped`` above ``small_batch_rows`` rows, else ``small_batch`` (eager) or
+``dense`` (while ``torch.compile`` traces: no host sync, fixed shapes). All paths compute the
+same sum; only the kernels differ.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from unimoe.moe.config import DEFAULT_SMALL_BATCH_ROWS, DISPATCH_CHOICES, MoEConfig
 from unimoe.moe.dispatch import dispatch, group_slots
 from unimoe.moe.experts import ExpertGroup, NullExperts, SharedExperts
 from unimoe.moe.losses import entropy_sum, z_loss_sum
 from unimoe.moe.routers import Router, RouterOutput
-from unimoe.moe.stats import RoutingInfo
+from unimoe.moe.small_batch import all_experts_dispatch, supports_small_batch, used_experts_dispatch
+from unimoe.moe.stats import ExpertCounts, RoutingInfo, StatsMode
 from unimoe.registry import EXPERTS, ROUTERS, ComponentSpec, Registry, RegistryError
 
-if TYPE_CHECKING:
-    from unimoe.moe.config import MoEConfig
-
 SharedGating = Literal["weighted", "unweighted"]
+DispatchPath = Literal["auto", "grouped", "small_batch", "dense"]
 Dispatcher = Callable[..., Tensor]
 """``(x [T, D], selected [T, E], weights [T, E], slots) -> [T, D]``: how routed experts are run."""
+DISPATCH_PATHS: dict[str, Dispatcher] = {
+    "grouped": dispatch,  # sort / gather / grouped GEMM / scatter: thousands of rows
+    "small_batch": used_experts_dispatch,  # each expert some row picked, on all rows: a few rows, eager
+    "dense": all_experts_dispatch,  # every expert on every row, masked: a few rows, compiled / CUDA graphs
+}
 
 
 class MoELayer(nn.Module):
@@ -50,10 +62,16 @@ class MoELayer(nn.Module):
         experts: Sequence[ExpertGroup],
         shared_experts: SharedExperts | None = None,
         shared_gating: SharedGating = "weighted",
+        dispatch: DispatchPath = "auto",
+        small_batch_rows: int = DEFAULT_SMALL_BATCH_ROWS,
     ) -> None:
         super().__init__()
         if shared_gating not in ("weighted", "unweighted"):
             raise ValueError(f"MoELayer.shared_gating must be 'weighted' or 'unweighted', got {shared_gating!r}")
+        if dispatch not in DISPATCH_CHOICES:
+            raise ValueError(f"MoELayer.dispatch must be one of {DISPATCH_CHOICES}, got {dispatch!r}")
+        if not isinstance(small_batch_rows, int) or small_batch_rows < 0:
+            raise ValueError(f"MoELayer.small_batch_rows must be an int >= 0, got {small_batch_rows!r}")
         num_dynamic = sum(g.num_experts for g in experts)
         if num_dynamic != router.num_experts:
             raise ValueError(
@@ -75,9 +93,15 @@ class MoELayer(nn.Module):
         real = torch.cat([torch.full((g.num_experts,), g.takes_tokens, dtype=torch.bool) for g in experts])
         self.register_buffer("real_experts", real, persistent=False)  # [E] bool
         self.num_real_experts = int(real.sum())
-        # Local (single-rank) dispatch; expert parallelism injects an
-        # unimoe.moe.expert_parallel.ExpertParallelDispatcher here (unimoe.training.parallel).
-        self.dispatcher: Dispatcher = dispatch
+        router.set_counted_experts(real)  # what an expert budget counts: real experts, not null ones
+        self.slots = group_slots(self.experts)
+        self.small_batch_capable = supports_small_batch(self.slots)
+        self.dispatch = dispatch
+        self.small_batch_rows = small_batch_rows
+        # The grouped (many-row) dispatcher; expert parallelism injects an
+        # unimoe.moe.expert_parallel.ExpertParallelDispatcher here (unimoe.training.parallel),
+        # and then every forward takes it (the small-batch paths need all experts' weights locally).
+        self.dispatcher: Dispatcher = DISPATCH_PATHS["grouped"]
 
     # ------------------------------------------------------------------ adaptive compute
     @property
@@ -92,20 +116,43 @@ class MoELayer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(
-        self, x: Tensor, token_mask: Tensor | None = None, task_ids: Tensor | None = None
-    ) -> tuple[Tensor, RoutingInfo]:
-        """x [B, L, D], token_mask [B, L] bool (True = real), task_ids [B, L] long -> (y [B, L, D], info)."""
+        self, x: Tensor, token_mask: Tensor | None = None, task_ids: Tensor | None = None, *, stats: StatsMode = "full"
+    ) -> tuple[Tensor, RoutingInfo | ExpertCounts]:
+        """x [B, L, D], token_mask [B, L] bool (True = real), task_ids [B, L] long -> (y [B, L, D], info).
+
+        ``stats="counts"`` reports only the real experts per token (decoding), not a RoutingInfo.
+        """
         b, l, d = x.shape
         flat = x.reshape(b * l, d)  # [T, D]
         mask = None if token_mask is None else token_mask.reshape(b * l).to(torch.bool)  # [T]
         route = self.router(flat, mask)
 
         routed_w, shared_w = self.combine_weights(route)
-        y = self.dispatcher(flat, route.selected, routed_w, group_slots(self.experts))  # [T, D]
+        path = self.dispatch_path(b * l)
+        run = self.dispatcher if path == "grouped" else DISPATCH_PATHS[path]
+        y = run(flat, route.selected, routed_w, self.slots)  # [T, D]
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat, shared_w)
-        info = self._routing_info(route, mask, None if task_ids is None else task_ids.reshape(b * l))
+        if stats == "counts":
+            info = ExpertCounts((route.selected & self.real_experts).sum(dim=-1))
+        else:
+            info = self._routing_info(route, mask, None if task_ids is None else task_ids.reshape(b * l))
         return y.view(b, l, d), info
+
+    def dispatch_path(self, rows: int) -> str:
+        """The expert path for a forward of ``rows`` tokens (see the module doc)."""
+        if self.dispatcher is not DISPATCH_PATHS["grouped"]:  # expert parallel: only the injected dispatcher sees all experts
+            if self.dispatch in ("small_batch", "dense"):
+                raise ValueError(
+                    f"MoELayer.dispatch={self.dispatch!r} needs every expert on this rank; "
+                    "under expert parallelism use 'auto' or 'grouped'"
+                )
+            return "grouped"
+        if self.dispatch != "auto":
+            return self.dispatch
+        if rows > self.small_batch_rows or not self.small_batch_capable:
+            return "grouped"
+        return "dense" if torch.compiler.is_compiling() else "small_batch"
 
     def combine_weights(self, route: RouterOutput) -> tuple[Tensor, Tensor | None]:
         """Routed weights [T, E] and shared-expert weights [T, S] (None = unweighted) of a routing."""
@@ -138,7 +185,8 @@ class MoELayer(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, real={self.num_real_experts}, shared_gating={self.shared_gating!r}"
+        return (f"num_experts={self.num_experts}, real={self.num_real_experts}, shared_gating={self.shared_gating!r}, "
+                f"dispatch={self.dispatch!r}")
 
 
 def _counts_by_task(selected: Tensor, task_ids: Tensor, real_tok: Tensor) -> Tensor:
@@ -151,7 +199,7 @@ def _counts_by_task(selected: Tensor, task_ids: Tensor, real_tok: Tensor) -> Ten
     return table
 
 
-def build_moe_layer(hidden_size: int, cfg: "MoEConfig") -> MoELayer:
+def build_moe_layer(hidden_size: int, cfg: MoEConfig) -> MoELayer:
     """Build an :class:`MoELayer` from a config; a bad field raises an error naming it.
 
     Dynamic experts, in index order: ``cfg.expert`` x ``num_routed_experts``, then each
@@ -183,7 +231,8 @@ def build_moe_layer(hidden_size: int, cfg: "MoEConfig") -> MoELayer:
         if cfg.num_shared_experts
         else None
     )
-    return MoELayer(router=router, experts=groups, shared_experts=shared, shared_gating=cfg.shared_gating)
+    return MoELayer(router=router, experts=groups, shared_experts=shared, shared_gating=cfg.shared_gating,
+                    dispatch=cfg.dispatch, small_batch_rows=cfg.small_batch_rows)
 
 
 def _build(field: str, registry: Registry, spec: ComponentSpec, **context):

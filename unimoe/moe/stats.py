@@ -10,12 +10,26 @@ sync is needed to build a :class:`RoutingInfo`; callbacks convert to Python numb
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from torch import Tensor
 
 from unimoe.moe.losses import load_balance_loss
+
+StatsMode = Literal["full", "counts"]
+"""What an MoE layer reports: ``"full"`` a :class:`RoutingInfo`, ``"counts"`` an :class:`ExpertCounts`."""
+
+
+@dataclass
+class ExpertCounts:
+    """The routing report decoding asks for: how many real experts each token used.
+
+    Cheaper than a :class:`RoutingInfo` (no aux-loss sums, no histograms, no host sync), and
+    exact per row because decoding runs one token per row.
+    """
+
+    real_per_token: Tensor  # [T] long, 0 for tokens outside the token mask
 
 
 @dataclass

@@ -6,7 +6,11 @@ Defaults a user would otherwise wire by hand on every run:
   is how every curriculum stage logs into one experiment at the curriculum root.
 - ``ModelCheckpoint`` into ``<default_root_dir>/checkpoints`` with ``last.ckpt`` always kept,
   so a killed run resumes with ``--ckpt_path <dir>/checkpoints/last.ckpt``; and
-  ``StageFinalizer``: the model folder ``<default_root_dir>/final/`` when training ends normally.
+  ``StageFinalizer``: the model folder ``<default_root_dir>/final/`` when training ends normally; and
+  ``NonFiniteGuard``: a step with a NaN/inf loss or gradient is skipped (10 at most, then stop).
+- Checkpoints written next to their target and renamed (``AtomicCheckpointIO``): a kill or a full
+  disk never truncates ``last.ckpt``.
+- ``fit`` locks its run directory (:mod:`unimoe.locks`): a second run on it refuses, naming the first.
 - A rich progress bar over the stage's optimizer steps (``StepProgressBar``), and the resolved
   config saved next to the checkpoints and in MLflow.
 - Stages, data modules and callbacks (in-tree and from installed plug-ins, all declared as
@@ -34,7 +38,10 @@ from typing import Any, Optional
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 
+from unimoe.locks import FolderInUseError, FolderLock
+from unimoe.training.checkpoint_io import AtomicCheckpointIO
 from unimoe.training.run_logging import RunConfigSaver, mlflow_logger_for
 
 DEFAULT_RUN_DIR = "runs/default"
@@ -115,6 +122,14 @@ class UniMoECLI(LightningCLI):
                 if args is not None and hasattr(args, "get") and args.get("init_from") is not None:
                     args["init_from"] = None  # resumed weights come from ckpt_path, not from init_from
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.run_lock: FolderLock | None = None
+        try:
+            super().__init__(*args, **kwargs)
+        finally:  # the subcommand has run (or failed): the run folder is free again
+            if self.run_lock is not None:
+                self.run_lock.release()
+
     def _restore_hparams(self, hparams: dict[str, Any]) -> None:
         """What ``LightningCLI._parse_ckpt_path`` does with a file's hyper-parameters, for a sharded folder."""
         hparams.pop("_instantiator", None)
@@ -149,11 +164,22 @@ class UniMoECLI(LightningCLI):
         except (CheckpointError, ValueError) as exc:
             raise ConfigError(f"model.init_args.init_from: {exc}") from exc
 
+    def after_fit(self) -> None:
+        """A fit resumed from a checkpoint of the finished training trains nothing and gets no
+        ``on_train_end``: the StageFinalizer validates and writes ``final.ckpt`` here."""
+        from unimoe.training.callbacks import StageFinalizer
+
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, StageFinalizer):
+                callback.finish_resumed(self.trainer, self.model, self.datamodule)
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        from unimoe.training.callbacks import StageFinalizer, StepProgressBar, TrainingBudget
+        from unimoe.training.callbacks import NonFiniteGuard, StageFinalizer, StepProgressBar, TrainingBudget
 
         config = self._get(self.config_init, "trainer", default={})
         run_dir = Path(config.get("default_root_dir") or DEFAULT_RUN_DIR)
+        if self.config.get("subcommand") == "fit":  # before the logger or any callback touches the folder
+            self.run_lock = FolderLock(run_dir).acquire()
         kwargs.setdefault("default_root_dir", str(run_dir))
         if config.get("logger") in (None, True):
             resume = bool(self._get(self.config, "ckpt_path"))
@@ -174,9 +200,16 @@ class UniMoECLI(LightningCLI):
             callbacks.append(StageFinalizer())
         if not any(isinstance(c, TrainingBudget) for c in callbacks):  # train/tokens, train/flops in every stage
             callbacks.append(TrainingBudget())
+        if not any(isinstance(c, NonFiniteGuard) for c in callbacks):
+            callbacks.append(NonFiniteGuard())
         if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(StepProgressBar())
         kwargs["callbacks"] = callbacks
+        plugins = config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())  # checkpoints written next to the target, then renamed
+        kwargs["plugins"] = plugins
         return super().instantiate_trainer(**kwargs)
 
 
@@ -255,7 +288,7 @@ def run_lightning_cli(argv: list[str]) -> int:
 
     try:
         build_cli(prepare_argv(argv))
-    except (ConfigError, RecipeError, CheckpointError) as exc:  # e.g. an unreadable init_from: one line
+    except (ConfigError, RecipeError, CheckpointError, FolderInUseError) as exc:  # one line, no traceback
         print(f"unimoe {argv[0] if argv else 'fit'}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -20,6 +20,8 @@ from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from unimoe.atomic import atomic_path, write_text_atomic
+
 RUN_ID_FILE = "mlflow_run_id.txt"
 
 
@@ -46,8 +48,10 @@ class ResumableMLFlowLogger(MLFlowLogger):
 
 
 def tracking_uri_for(run_dir: str | Path) -> str:
-    """The sqlite MLflow store of a run directory (absolute, so any cwd works)."""
-    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+    """The sqlite MLflow store of a run directory (absolute; created so that a kill cannot break it)."""
+    from unimoe.mlflow_store import sqlite_tracking_uri
+
+    return sqlite_tracking_uri(run_dir)
 
 
 def mlflow_logger_for(
@@ -87,7 +91,7 @@ def mlflow_logger_for(
 
 @rank_zero_only
 def remember_run_id(logger: MLFlowLogger, run_dir: str | Path) -> None:
-    (Path(run_dir) / RUN_ID_FILE).write_text(logger.run_id)
+    write_text_atomic(Path(run_dir) / RUN_ID_FILE, logger.run_id)  # a kill never leaves an empty id
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -108,7 +112,8 @@ class RunConfigSaver(SaveConfigCallback):
         path = run_dir / self.config_filename
         if path.exists():
             shutil.move(str(path), str(path.with_name(f"{path.stem}.{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")))
-        self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=False)
+        with atomic_path(path) as tmp:  # a kill never leaves a torn config.yaml
+            self.parser.save(self.config, str(tmp), skip_none=False, overwrite=True, multifile=False)
         for logger in trainer.loggers:
             if isinstance(logger, MLFlowLogger):
                 remember_run_id(logger, run_dir)

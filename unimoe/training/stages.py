@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from unimoe.checkpoint import METADATA_KEY, CheckpointMetadata, config_to_dict
+from unimoe.finite import check_finite_weights
 from unimoe.model.config import AudioLMConfig, model_config
 from unimoe.data.sequences import SequenceLayout
 from unimoe.model.batch import Batch
@@ -39,6 +40,7 @@ from unimoe.moe.stats import RoutingInfo, mean_over_layers
 from unimoe.pretrained import PRETRAINED_STAGE
 from unimoe.registry import ComponentField, ComponentSpec, plain_spec
 from unimoe.training.balance import GlobalLoadBalance
+from unimoe.training.determinism import step_randomness
 from unimoe.training.init_from import InitFrom, InitReport, load_initial_weights, read_init_checkpoint
 from unimoe.training.metrics import TaskLossAccumulator
 from unimoe.training.optim import OptimizerConfig, build_optimizer
@@ -236,7 +238,9 @@ class StageModule(L.LightningModule):
         return self.model(batch, logits="none")
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        out = self.model(batch, logits="none")
+        epoch, rank = (self.trainer.current_epoch, self.trainer.global_rank) if self._trainer is not None else (0, 0)
+        with step_randomness(self.hparams.seed, epoch, batch_idx, rank, self.device):  # router jitter: resumable
+            out = self.model(batch, logits="none")
         step = self.trainer.global_step if self._trainer is not None else 0
         balanced = self.balanced_routing(out.routing, step)
         aux, weight = self.aux_loss(balanced.routing, step)
@@ -324,6 +328,10 @@ class StageModule(L.LightningModule):
                                   tasks=dict(self.task_args), extra=extra, task_ids=self.task_ids.names)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        step = self.trainer.global_step if self._trainer is not None else 0
+        reduce = ((lambda t: self.trainer.strategy.reduce(t.to(self.device), reduce_op="sum"))
+                  if self._trainer is not None and self.trainer.world_size > 1 else None)
+        check_finite_weights(checkpoint.get("state_dict", {}), f"a checkpoint of {type(self).__name__} at step {step}", reduce)
         checkpoint[METADATA_KEY] = self.metadata().to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -27,7 +27,7 @@ from unimoe.data.demo.sentences import make_sentence
 from unimoe.data.manifest import ManifestEntry, write_manifest
 from unimoe.data.prompts import assign_prompts
 
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2  # 2: music_test_clips / music_val_clips extra pieces per music task
 
 
 class DemoCorpusError(RuntimeError):
@@ -41,6 +41,12 @@ class DemoConfig:
     speech_clips: int = 320
     t2m_clips: int = 22
     v2m_clips: int = 10
+    music_test_clips: int = 16
+    """Extra test clips per music task on top of ``t2m_clips`` / ``v2m_clips`` (whose own split
+    is unchanged), so FAD and KL have sets to compare while training keeps ~10:1 speech:music."""
+    music_val_clips: int = 3
+    """Extra validation clips per music task (same idea), so the audio metrics scored while
+    training (``AudioSamples(metrics=...)``) have more than one music prompt per task."""
     speakers: int = 12
     sample_rate: int = 24000
     speech_max_seconds: float = 4.0
@@ -62,6 +68,8 @@ class DemoConfig:
             speech_clips=max(8, round(base.speech_clips * scale)),
             t2m_clips=max(2, round(base.t2m_clips * scale)),
             v2m_clips=max(2, round(base.v2m_clips * scale)),
+            music_test_clips=max(base.music_test_clips, round(base.music_test_clips * scale)),
+            music_val_clips=max(base.music_val_clips, round(base.music_val_clips * scale)),
             speakers=max(2, round(base.speakers * math.sqrt(scale))),
             seed=seed,
         )
@@ -150,7 +158,8 @@ def plan(cfg: DemoConfig, out: Path) -> tuple[list[_SpeechJob], list[_MusicJob]]
     music_jobs: list[_MusicJob] = []
     for task, count in (("t2m", cfg.t2m_clips), ("v2m", cfg.v2m_clips)):
         moods = sorted(music.MOODS)
-        for i in range(count):
+        extra = cfg.music_test_clips + cfg.music_val_clips
+        for i in range(count + extra):  # clip i is the same piece whatever the counts
             rng = random.Random(f"{cfg.seed}:{task}:{i}")
             params = music.choose_params(rng, cfg.music_min_seconds, cfg.music_max_seconds, mood=moods[i % len(moods)])
             clip_id = f"{task}-{i:05d}"
@@ -160,8 +169,10 @@ def plan(cfg: DemoConfig, out: Path) -> tuple[list[_SpeechJob], list[_MusicJob]]
                 meta={"synth": "fluidsynth", **params.to_meta()},
             )
             music_jobs.append(_MusicJob(entry, params, out / "music" / f"{clip_id}.mid"))
-        task_splits = _split_ids([j.entry.id for j in music_jobs if j.entry.task == task],
-                                 random.Random(f"{cfg.seed}:split:{task}"), cfg, min_each=1, min_total=5)
+        ids = [j.entry.id for j in music_jobs if j.entry.task == task]
+        task_splits = _split_ids(ids[:count], random.Random(f"{cfg.seed}:split:{task}"), cfg, min_each=1, min_total=5)
+        task_splits.update({clip_id: "test" for clip_id in ids[count: count + cfg.music_test_clips]})
+        task_splits.update({clip_id: "val" for clip_id in ids[count + cfg.music_test_clips:]})
         for job in music_jobs:
             if job.entry.task == task:
                 job.entry.split = task_splits[job.entry.id]

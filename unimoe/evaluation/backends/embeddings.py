@@ -1,24 +1,109 @@
 """Audio embeddings for FAD and class logits for KL.
 
-* ``mel_stats`` - a fixed signal-processing embedding (no learned weights, offline).
+* ``aisfx`` - the aiSFX sound-effects CNN (weights ship in the ``aisfx`` wheel, offline):
+  the demo suite's FAD embedding and KL classifier.
+* ``mel_stats`` - a fixed signal-processing embedding (no learned weights, offline); the
+  labelled fallback when ``aisfx`` is not installed.
 * ``panns_cnn14`` - PANNs Cnn14 (AudioSet), the FD/KL model of AudioLDM's eval.
 * ``openl3`` - OpenL3 music embeddings, the paper's FAD embedding.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import sys
 import types
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, EvaluationError
+from . import aisfx_model
 from .base import AudioClassifier, AudioEmbedder, require, resolve_device
+
+
+class Aisfx(AudioEmbedder, AudioClassifier):
+    """aiSFX (ISMIR 2022 sound-effects CNN, 6.2M parameters): a 512-d embedding per ~2.3 s
+    block for FAD, and one dataset head's class posteriors for KL.
+
+    Weights: the ``aisfx`` package's ``models/checkpoint.pth`` (install it with
+    ``pip install --no-deps aisfx==0.1.2``; licence CC BY 4.0), or ``checkpoint``. Front
+    end and model are re-implemented in :mod:`aisfx_model` (the package's own code pins
+    old numpy/librosa and unpickles arbitrary objects; unimoe reads it with ``weights_only=True``).
+
+    Args:
+        head: the dataset head whose classes KL compares (default ``prosfx``, 78 classes
+            of the Pro Sound Effects library; class names are not shipped).
+        hop: embedding hop as a fraction of the 100-frame block (0.5 = ~1.16 s, the
+            package's default).
+        checkpoint: another aiSFX checkpoint file.
+        device: ``auto``, ``cpu`` or ``cuda``.
+
+    A clip's KL distribution is the mean of its blocks' softmax posteriors; ``class_logits``
+    returns its log, so the scorer's softmax gives that mean back. The sound-effects
+    classes are not musical genres: KL here measures how differently two clips fall into
+    sound categories (instrument timbre, speech, noise), which is what the demo needs.
+    """
+
+    sample_rate = aisfx_model.SAMPLE_RATE
+    offline = True
+    kl_activation = "softmax"
+    #: blocks per forward pass (bounds memory for long clips: ~2.5 MB of activations per block)
+    batch_blocks = 16
+    #: clips whose block embeddings are kept (FAD and KL embed the same clips)
+    cache_size = 256
+
+    def __init__(self, head: str = "prosfx", hop: float = 0.5, checkpoint: str | None = None,
+                 device: str = "auto") -> None:
+        path = Path(checkpoint).expanduser() if checkpoint else aisfx_model.packaged_checkpoint()
+        weights, heads = aisfx_model.load_checkpoint(path)
+        if head not in heads:
+            raise EvaluationError(f"aisfx: unknown head {head!r}; the checkpoint {path} has heads {sorted(heads)}")
+        if not 0 < hop <= 1:
+            raise EvaluationError(f"aisfx: hop must be in (0, 1] (a fraction of the 100-frame block), got {hop}")
+        net = aisfx_model.AisfxNet(heads)
+        try:
+            net.load_state_dict(weights, strict=True)
+        except RuntimeError as exc:
+            raise BackendUnavailableError(f"{path} does not match the aiSFX architecture: {exc}") from exc
+        self.device = resolve_device(device)
+        self._net = net.to(self.device).eval()
+        self._mel = aisfx_model.AisfxMel().to(self.device)
+        self.head, self.hop, self.checkpoint = head, hop, str(path)
+        self.num_classes = heads[head][1]
+        self._cache: OrderedDict[tuple[int, str], torch.Tensor] = OrderedDict()
+
+    def describe(self) -> str:
+        return (f"aiSFX CNN (ISMIR 2022 sound-effects model, CC BY 4.0), 512-d per 2.3 s block, hop {self.hop:g}; "
+                f"KL head {self.head} ({self.num_classes} classes); librosa front end; weights {self.checkpoint}")
+
+    def block_embeddings(self, wav: np.ndarray) -> torch.Tensor:
+        """``[blocks, 512]`` float32 embeddings of a mono 44.1 kHz clip (cached per clip)."""
+        x = np.ascontiguousarray(wav, dtype=np.float32)
+        key = (x.shape[0], hashlib.blake2b(x.tobytes(), digest_size=16).hexdigest())
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        with torch.inference_mode():
+            spec = self._mel(torch.from_numpy(x).to(self.device))  # [frames, 96]
+            chunks = aisfx_model.blocks(spec, self.hop)  # [blocks, 100, 96]
+            emb = torch.cat([self._net.embed(c) for c in chunks.split(self.batch_blocks)])  # [blocks, 512]
+        self._cache[key] = emb
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return emb
+
+    def embed_frames(self, wav: np.ndarray) -> np.ndarray:
+        return self.block_embeddings(wav).double().cpu().numpy()
+
+    def class_logits(self, wav: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            probs = self._net.head_logits(self.block_embeddings(wav), self.head).double().softmax(dim=-1)
+        return torch.log(probs.mean(dim=0).clamp_min(1e-300)).cpu().numpy()  # [C]; softmax of this = mean posterior
 
 
 class MelStats(AudioEmbedder, AudioClassifier):
@@ -123,7 +208,7 @@ class PannsCnn14(AudioEmbedder, AudioClassifier):
             net = models.Cnn14(sample_rate=32000, window_size=1024, hop_size=320, mel_bins=64, fmin=50,
                                fmax=14000, classes_num=527)
         if not random_init:
-            state = torch.load(self.checkpoint, map_location="cpu", weights_only=False)
+            state = _load_panns_weights(path)
             net.load_state_dict(state.get("model", state))
         self._net = net.to(self.device).eval()
 
@@ -169,3 +254,20 @@ class OpenL3(AudioEmbedder):
         emb, _ = self._openl3.get_audio_embedding(wav, self.sample_rate, model=self._model, hop_size=self.hop_s,
                                                   verbose=False)
         return np.asarray(emb, dtype=np.float64)
+
+
+def _load_panns_weights(path: Path) -> dict:
+    """The PANNs checkpoint (``{"model": state_dict, ...}``) read with ``weights_only=True``
+    (numpy scalars allowed, as in the training-loop counters some releases carry): a file
+    that needs anything else is refused rather than unpickled."""
+    try:
+        with torch.serialization.safe_globals(aisfx_model.numpy_scalar_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, or a pickled global outside the allow-list
+        from unimoe.checkpoint import _unpickling_reason
+
+        raise BackendUnavailableError(f"could not load the PANNs Cnn14 weights {path} with weights_only=True "
+                                      f"(tensors and plain data only): {_unpickling_reason(exc)}") from exc
+    if not isinstance(state, dict):
+        raise BackendUnavailableError(f"{path} is not a PANNs checkpoint: it holds a {type(state).__name__}, not a mapping")
+    return state

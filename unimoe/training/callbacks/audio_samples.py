@@ -7,15 +7,21 @@ audio with the generation API (:func:`unimoe.generation.generate`, KV cache + CF
 model being trained, decodes it with the stage's codec (``pl_module.codec_spec``, recorded
 in every checkpoint) and writes WAVs + JSON sidecars to
 ``<run dir>/samples/step<N>/`` (MLflow artifacts ``samples/step<N>/``, playable in the UI).
-The codec reconstruction of each prompt's ground truth is written once to
-``samples/reference/`` so the generated clips have something to be compared with.
+The codec reconstruction of each prompt's ground truth (and of its speaker prompt) is written
+once to ``samples/reference/`` so the generated clips have something to be compared with.
+
+With ``metrics`` (an :class:`~unimoe.training.callbacks.audio_metrics.AudioMetrics`), the clips
+are also scored with an evaluation suite against those references and logged as
+``val/audio/<task>/<key>`` (see :mod:`unimoe.training.callbacks.audio_metrics`); they end up in
+the stage's ``final_metrics.json`` with the other logged metrics.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import lightning as L
 import torch
@@ -24,6 +30,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from unimoe.audio import save_audio
 from unimoe.generation import GenerationRequest, GenerationSettings, Generator, write_clips
+from unimoe.training.callbacks.audio_metrics import AudioMetrics, ValidationScorer
 
 log = logging.getLogger("unimoe.training")
 
@@ -39,6 +46,8 @@ class AudioSamples(Callback):
             cap clips at 6 s so a CPU run stays quick.
         split: the shard split prompts come from.
         reference: also write the codec reconstruction of each prompt's target once.
+        metrics: score the clips with an evaluation suite (``{suite: demo,
+            every_n_validations: 1}``; default: no scoring). Needs ``reference``.
     """
 
     def __init__(
@@ -49,6 +58,7 @@ class AudioSamples(Callback):
         settings: Optional[GenerationSettings] = None,
         split: str = "val",
         reference: bool = True,
+        metrics: Optional[Union[AudioMetrics, dict]] = None,
     ) -> None:
         if per_task < 1:
             raise ValueError(f"AudioSamples.per_task must be >= 1, got {per_task}")
@@ -59,6 +69,16 @@ class AudioSamples(Callback):
         if isinstance(self.settings, dict):
             self.settings = GenerationSettings.from_options(self.settings)
         self.split, self.reference = split, reference
+        self.metrics = AudioMetrics(**metrics) if isinstance(metrics, dict) else metrics
+        if self.metrics is not None:
+            if not reference:
+                raise ValueError("AudioSamples(metrics=...) scores clips against their references: keep reference=True")
+            if self.metrics.every_n_validations % self.every:
+                raise ValueError(
+                    f"AudioSamples: metrics.every_n_validations ({self.metrics.every_n_validations}) must be a "
+                    f"multiple of every_n_validations ({self.every}): only validations that generate clips can score them")
+        self._scorer: ValidationScorer | None = None
+        self.last_results: list = []
         self._codec = None
         self._examples = None
         self._validations = 0
@@ -72,6 +92,12 @@ class AudioSamples(Callback):
                 "AudioSamples needs the stage's codec to decode audio: set model.init_args.codec "
                 "(e.g. {name: spectral_rvq, path: codec.pt}) or init_from a checkpoint that records one"
             )
+        self._ensure_scorer()  # a bad suite fails here, before training
+
+    def _ensure_scorer(self) -> ValidationScorer | None:
+        if self.metrics is not None and self._scorer is None:
+            self._scorer = ValidationScorer(self.metrics.suite)
+        return self._scorer
 
     def _codec_for(self, pl_module):
         if self._codec is None:
@@ -113,10 +139,20 @@ class AudioSamples(Callback):
         if (self._validations - 1) % self.every:
             return
         model = _unsharded_on_rank_zero(pl_module)  # collective under MoEParallelStrategy
-        if trainer.is_global_zero:
-            self.generate(trainer, pl_module, model)
+        if not trainer.is_global_zero:
+            return
+        scoring = self._ensure_scorer() is not None and (self._validations - 1) % self.metrics.every_n_validations == 0
+        out_dir = self.generate(trainer, pl_module, model, log_artifacts=not scoring)
+        if out_dir is not None and scoring:
+            self.score(trainer, pl_module, out_dir)  # logs the folder with its results
 
-    def generate(self, trainer: L.Trainer, pl_module: L.LightningModule, model=None) -> Path | None:
+    @staticmethod
+    def clip_id(example) -> str:
+        """The file name (without ``.wav``) of an example's generated clip and references."""
+        return example.id if example.id.startswith(example.task) else f"{example.task}-{example.id}"
+
+    def generate(self, trainer: L.Trainer, pl_module: L.LightningModule, model=None,
+                 log_artifacts: bool = True) -> Path | None:
         examples = self._prompt_examples(trainer)
         if not examples:
             return None
@@ -124,7 +160,7 @@ class AudioSamples(Callback):
         codec.to(pl_module.device)
         requests = [
             GenerationRequest(
-                id=ex.id if ex.id.startswith(ex.task) else f"{ex.task}-{ex.id}", task=ex.task, text=ex.text, prompt_text=ex.prompt_text,
+                id=self.clip_id(ex), task=ex.task, text=ex.text, prompt_text=ex.prompt_text,
                 prompt_codes=ex.prompt_codes, video_frames=ex.video, seed=self.settings.seed + i,
             )
             for i, ex in enumerate(examples)
@@ -137,18 +173,50 @@ class AudioSamples(Callback):
         out_dir = Path(trainer.default_root_dir) / "samples" / f"step{trainer.global_step:07d}"
         write_clips(clips, out_dir)
         self.written.append(out_dir)
-        self._log_dir(trainer, out_dir, f"samples/{out_dir.name}")
+        if log_artifacts:
+            self._log_dir(trainer, out_dir, f"samples/{out_dir.name}")
         if self.reference and not self._reference_done:
             self._write_references(trainer, codec, examples)
         log.info("AudioSamples: %d clips in %s", len(clips), out_dir)
         return out_dir
 
+    # ------------------------------------------------------------------ scoring
+    def score(self, trainer: L.Trainer, pl_module: L.LightningModule, out_dir: Path) -> dict[str, float]:
+        """Score the clips in ``out_dir`` against the references and log ``val/audio/...``."""
+        from unimoe.evaluation.manifest import EvalItem
+
+        started = time.perf_counter()
+        ref_dir = self._reference_dir(trainer)
+        items = []
+        for ex in self._prompt_examples(trainer):
+            name = self.clip_id(ex)
+            prompt = ref_dir / f"{name}.prompt.wav"
+            items.append(EvalItem(id=name, audio=out_dir / f"{name}.wav", task=ex.task, text=ex.text,
+                                  reference_audio=ref_dir / f"{name}.wav",
+                                  prompt_audio=prompt if prompt.is_file() else None))
+        self.last_results = self._scorer.score(items, out_dir, step=trainer.global_step)
+        values = ValidationScorer.values(self.last_results)
+        for name, value in values.items():
+            # Only global rank 0 gets here (nothing is a collective), hence rank_zero_only.
+            pl_module.log(name, value, on_step=False, on_epoch=True, rank_zero_only=True)
+        log.info("AudioSamples: scored %d clips with suite %r in %.1f s: %s", len(items), self._scorer.suite.name,
+                 time.perf_counter() - started, ", ".join(f"{k} {v:.4g}" for k, v in values.items()) or "no values")
+        self._log_dir(trainer, out_dir, f"samples/{out_dir.name}")  # results.json / .md too
+        return values
+
+    def _reference_dir(self, trainer) -> Path:
+        return Path(trainer.default_root_dir) / "samples" / "reference"
+
     def _write_references(self, trainer, codec, examples) -> None:
-        out_dir = Path(trainer.default_root_dir) / "samples" / "reference"
+        """Codec reconstructions of each prompt's target (and speaker prompt): what the
+        generated clips are compared with (the model can at best reproduce its codec)."""
+        out_dir = self._reference_dir(trainer)
         with torch.no_grad():
             for ex in examples:
-                wav = codec.decode(ex.codes.unsqueeze(0).to(codec.device))[0].float().cpu()  # [1, S]
-                save_audio(out_dir / f"{ex.task}-{ex.id}.wav", wav, codec.sample_rate)
+                pieces = [("", ex.codes)] + ([(".prompt", ex.prompt_codes)] if ex.prompt_codes is not None else [])
+                for suffix, codes in pieces:
+                    wav = codec.decode(codes.unsqueeze(0).to(codec.device))[0].float().cpu()  # [1, S]
+                    save_audio(out_dir / f"{self.clip_id(ex)}{suffix}.wav", wav, codec.sample_rate)
         self._reference_done = True
         self._log_dir(trainer, out_dir, "samples/reference")
 

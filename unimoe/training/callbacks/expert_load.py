@@ -30,6 +30,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import MLFlowLogger
 from torch import Tensor
 
+from unimoe.atomic import write_text_atomic
 from unimoe.model.tasks import TaskIds
 from unimoe.moe.stats import RoutingInfo
 from unimoe.training.callbacks.plots import activated_experts_figure, expert_load_figure, save_figure
@@ -260,7 +261,7 @@ class ExpertLoadMonitor(Callback):
                                        f"Activated real experts per token ({what}, step {trainer.global_step})")
         paths.append(save_figure(fig, out_dir / f"activated_experts_{tag}.png"))
         raw = out_dir / f"routing_{tag}.json"
-        raw.write_text(json.dumps({"step": trainer.global_step, "what": what, **totals.to_json(labels)}, indent=1))
+        write_text_atomic(raw, json.dumps({"step": trainer.global_step, "what": what, **totals.to_json(labels)}, indent=1))
         paths.append(raw)
         self.written += paths
         for logger in trainer.loggers:
