@@ -45,7 +45,7 @@ from typing import Any, Callable
 
 from unimoe.atomic import FAULT_KILL_ENV, FAULT_TRACE_ENV
 
-COMMANDS = ("tokenize", "curriculum", "upcycle", "evaluate")
+COMMANDS = ("tokenize", "curriculum", "upcycle", "evaluate", "study")
 EXTRA_COMMANDS = ("curriculum_sharded",)
 """Not run by default: the curriculum stage on 2 CPU ranks under MoEParallelStrategy (FSDP2),
 whose ``last.ckpt`` is a sharded checkpoint folder (about 4x the time of ``curriculum``)."""
@@ -296,23 +296,30 @@ def upcycle_digest(out: Path) -> Any:
 VOLATILE = ("seconds", "time", "created", "mlflow", "duration", "started", "finished", "elapsed")
 
 
+def _strip_volatile(value: Any) -> Any:
+    """``value`` without the fields that hold wall-clock times or run ids (they differ between runs)."""
+    if isinstance(value, dict):
+        return {k: _strip_volatile(v) for k, v in value.items() if not any(word in k.lower() for word in VOLATILE)}
+    if isinstance(value, list):
+        return [_strip_volatile(v) for v in value]
+    return value
+
+
 def evaluate_digest(out: Path) -> Any:
-    data = json.loads((out / "results.json").read_text(encoding="utf-8"))
-
-    def strip(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items() if not any(word in k.lower() for word in VOLATILE)}
-        if isinstance(value, list):
-            return [strip(v) for v in value]
-        return value
-
-    return strip(data)
+    return _strip_volatile(json.loads((out / "results.json").read_text(encoding="utf-8")))
 
 
-# ---------------------------------------------------------------------- the four commands
+def study_digest(root: Path) -> Any:
+    """The study's report (numbers per cell and arm, wall-clock fields dropped) and every final model."""
+    report = json.loads((root / "report.json").read_text(encoding="utf-8"))
+    models = {str(p.parent.relative_to(root)): _model_digest(p) for p in sorted(root.glob("stages/*/*/final"))}
+    return {"report": _strip_volatile({k: v for k, v in report.items() if k != "source"}), "models": models}
+
+
+# ---------------------------------------------------------------------- the commands
 def prepare(root: Path, data: Path | None = None) -> dict[str, Scenario]:
     """Inputs under ``root/inputs`` (``data``: an existing tiny data root, else built) and the
-    four scenarios writing under ``root/run``."""
+    scenarios writing under ``root/run``."""
     from unimoe.data.demo.tiny import build_tiny_data
 
     root = Path(root).resolve()
@@ -339,8 +346,36 @@ def prepare(root: Path, data: Path | None = None) -> dict[str, Scenario]:
             "evaluate", "--suite", str(_suite(inputs)), "--wavs", str(_generated(inputs, data)), "--manifest",
             str(data / "corpus" / "manifests" / "all.jsonl"), "--out", str(run / "evaluate"),
         ], run / "evaluate", evaluate_digest),
+        "study": Scenario("study", ["study", "--config", str(_study(inputs, data, run / "study"))], run / "study",
+                          study_digest),
     }
     return scenarios
+
+
+def _study(inputs: Path, data: Path, root: Path) -> Path:
+    """Two arms x one seed over the one-stage curriculum: the second arm shares the first's stage and
+    adds a fine-tuning stage, so a kill can land in a stage, between cells or in the report."""
+    stage = _curriculum(inputs, data).parent / "stage.yaml"
+    cur = inputs / "study_curriculum.yaml"
+    cur.write_text(textwrap.dedent(f"""\
+        name: fault-injection-study
+        stages:
+          - {{name: specialist_tts, config: {stage.name}}}
+          - {{name: tuned, config: {stage.name}, init_from: specialist_tts, model: {{init_args: {{model: null}}}},
+             trainer: {{max_steps: 8}}}}
+        """))
+    study = inputs / "study.yaml"
+    study.write_text(textwrap.dedent(f"""\
+        name: fault-injection-study
+        root: {root}
+        seeds: [0]
+        checkpoint_every_n_steps: 2
+        evaluate: null
+        arms:
+          - {{name: one, curriculum: {cur.name}, until: specialist_tts}}
+          - {{name: two, curriculum: {cur.name}}}
+        """))
+    return study
 
 
 def _curriculum(inputs: Path, data: Path, ranks: int = 1) -> Path:
