@@ -105,6 +105,7 @@ def decode(
     *,
     max_frames: list[int],
     cfg_scale: float = 1.0,
+    eos_logit_scale: float = 1.0,
     min_frames: int = 0,
     use_cache: bool = True,
     generators: list[torch.Generator] | None = None,
@@ -113,7 +114,8 @@ def decode(
 ) -> DecodeOutput:
     """Generate the target segment of every prompt (``prefix()`` sequences ending in the BOS frame).
 
-    ``uncond_prompts`` (same order, or None) enables CFG with ``cfg_scale``. ``max_frames``
+    ``uncond_prompts`` (same order, or None) enables CFG with ``cfg_scale``; ``eos_logit_scale``
+    multiplies the deciding codebook's guided EOS logit (the release's ``eos_prob_mul_factor``). ``max_frames``
     is per request; ``min_frames`` forbids EOS earlier (at least one frame is always made).
     ``generators`` (one per request, on the model's device) make sampling independent of
     the batch. ``routing_stats=False`` skips the per-row expert counts (on a GPU they cost a
@@ -176,6 +178,8 @@ def decode(
         m = alive.shape[0]
         cond, uncond = logits[:m], (logits[m:] if cfg_rows else None)
         guided = guide(cond, uncond, cfg_scale)
+        if eos_logit_scale != 1.0:
+            guided[:, eos_cb, specials.eos] *= eos_logit_scale
         src = step - d_eos  # undelayed frame index of the deciding codebook
         allow_eos = torch.full((m,), src - 1 >= max(min_frames, 1), dtype=torch.bool, device=device)
         tokens = sample(mask_specials(guided, specials, eos_cb, allow_eos), sampling, gens)  # [m, C]

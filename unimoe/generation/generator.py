@@ -185,7 +185,7 @@ class Generator:
             self.model, cond, uncond, self.sampling,
             max_frames=[frames_for(s.max_seconds, self.frame_rate)] * len(batch),
             min_frames=frames_for(s.min_seconds, self.frame_rate),
-            cfg_scale=s.cfg_scale, use_cache=s.use_cache, generators=generators, routing_stats=s.routing_stats,
+            cfg_scale=s.cfg_scale, eos_logit_scale=s.eos_logit_scale, use_cache=s.use_cache, generators=generators, routing_stats=s.routing_stats,
         )
         codes = [segment_to_codes(seg.cpu(), self.config.delays, self.model.specials) for seg in out.segments]
         wavs, codec_seconds = self._decode_audio(codes)
