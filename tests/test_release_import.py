@@ -383,3 +383,75 @@ def test_import_cli_streams_one_tensor_at_a_time(release, tmp_path, capsys, monk
     assert model.audio_head.weight.dtype == torch.float32  # model built fp32; the file kept the release's dtype
     assert main(["import", "uni-moe-audio", str(folder), str(tmp_path / "m")]) == 2  # exists, no --overwrite
     assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def imported_for_tiny_codec(tmp_path_factory):
+    """The same release layout sized to the tiny corpus' codec (4 codebooks x 16 codes), imported with it."""
+    from training_helpers import tiny_data
+
+    data = tiny_data(tmp_path_factory.getbasetemp())
+    cfg = release_config(channels=4, vocab=19, delays=[0, 1, 2, 3])
+    folder = write_release(tmp_path_factory.mktemp("tiny_release") / "release", cfg, release_state(cfg, seed=2))
+    out = tmp_path_factory.mktemp("tiny_imported") / "model"
+    codec = {"name": "spectral_rvq", "path": str(data / "codec.pt")}
+    import_release(folder, out, codec=codec, dtype=torch.float32, max_seq_len=1024)
+    return data, out
+
+
+def test_generate_and_evaluate_accept_the_imported_model(imported_for_tiny_codec, tmp_path, capsys):
+    from unimoe.cli import main
+
+    data, model = imported_for_tiny_codec
+    out = tmp_path / "gen"
+    assert main(["generate", "--ckpt", str(model), "--preset", "uni_moe_audio_t2m", "--task", "t2m", "--text",
+                 "calm piano", "--max-seconds", "0.4", "--min-seconds", "0", "--device", "cpu", "--out", str(out)]) == 0
+    side = json.loads((out / "clip.json").read_text())
+    assert side["settings"]["cfg_scale"] == 11.0 and side["settings"]["eos_logit_scale"] == 0.6
+    assert (out / "clip.wav").is_file()
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("name: tiny\ndescription: kl on mel statistics\nmetrics:\n"
+                     "  - {metric: kl, key: kl, backend: mel_stats}\n")
+    music = [json.loads(line) for line in (data / "corpus" / "manifests" / "t2m.jsonl").read_text().splitlines()][:2]
+    root = data / "corpus" / "manifests"
+    manifest = tmp_path / "eval.jsonl"
+    manifest.write_text("".join(json.dumps({"id": m["id"], "task": "t2m", "text": m["text"],
+                                            "audio": str((root / m["audio"]).resolve())}) + "\n" for m in music))
+    rc = main(["evaluate", "--suite", str(suite), "--manifest", str(manifest), "--ckpt", str(model),
+               "--preset", "uni_moe_audio_t2m", "--out", str(tmp_path / "eval"), "--no-mlflow"])
+    assert rc == 0, capsys.readouterr().err
+
+
+def test_warmup_and_joint_fine_tune_the_imported_model(imported_for_tiny_codec, tmp_path):
+    """init_from the imported folder: warmup (gates + shared experts) then joint, on real tiny shards, in the release format."""
+    import lightning as L
+
+    from unimoe.data.datamodule import UniMoEDataModule
+    from unimoe.training.callbacks import StageFinalizer
+    from unimoe.training.stages import JointStage, WarmupStage
+
+    data, model = imported_for_tiny_codec
+    _, meta = load_model(model)
+    source = model
+    for name, cls in (("warmup", WarmupStage), ("joint", JointStage)):
+        stage = cls(init_from=str(source))
+        dm = UniMoEDataModule(sources={"tts": str(data / "shards" / "tts"), "t2m": str(data / "shards" / "t2m")},
+                              max_tokens=4096)
+        gate_before = stage.model.blocks[0].ffn.router.gate.weight.detach().clone()
+        trainer = L.Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=str(tmp_path / name), num_sanity_val_steps=0, limit_val_batches=0,
+                            enable_checkpointing=False, callbacks=[StageFinalizer()])
+        trainer.fit(stage, dm)
+        assert not torch.equal(stage.model.blocks[0].ffn.router.gate.weight, gate_before)
+        # the data was laid out in the release's format (chat template + markers) by the model's own builders
+        assert type(dm.maker(train=True).builder("t2m")).__name__ == "ReleaseT2MBuilder"
+        source = tmp_path / name / "final"
+        _, saved = load_model(source)
+        assert saved.tasks["t2m"] == meta.tasks["t2m"] or spec_name(saved.tasks["t2m"]) == "uni_moe_audio_t2m"
+        assert saved.config.moe.router["name"] == "uni_moe_audio_top_p"
+
+
+def spec_name(spec):
+    from unimoe.registry import spec_parts
+
+    return spec_parts(spec)[0]
