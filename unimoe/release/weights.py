@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from unimoe.pretrained.hf_weights import open_hf_weights
+from unimoe.pretrained.hf_weights import _preview, open_hf_weights
 from unimoe.pretrained.hub import PretrainedError
 from unimoe.safetensors_io import SafetensorsTensors
 
@@ -148,6 +148,3 @@ class ReleaseTensors(Mapping):
     def __contains__(self, key: object) -> bool:
         return key in self.keys_map
 
-
-def _preview(items: list[str], n: int = 6) -> str:
-    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
