@@ -68,30 +68,36 @@ def test_sharded_checkpoint_resumes_on_one_process_at_the_same_next_step_loss(ep
 
 def test_consolidated_checkpoint_generates(ep2_run):
     work = ep2_run
-    final = work / "u" / "final.ckpt"
-    proc = unimoe("checkpoint", "info", str(final), "--json", cwd=work)
+    sharded = work / "u" / "checkpoints" / "last.ckpt"  # the resume checkpoint: a sharded folder (step 2)
+    proc = unimoe("checkpoint", "info", str(sharded), "--json", cwd=work)
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
-    assert info["format"] == "sharded" and info["global_step"] == 3 and info["optimizer_state"] is False
-    proc = unimoe("checkpoint", "consolidate", str(final), "--out", str(work / "joint.ckpt"), cwd=work)
+    assert info["format"] == "sharded" and info["global_step"] == 2 and info["optimizer_state"] is True
+    proc = unimoe("checkpoint", "consolidate", str(sharded), "--out", str(work / "joint.ckpt"), cwd=work)
     assert proc.returncode == 0, proc.stderr
-    assert unimoe("checkpoint", "consolidate", str(final), "--out", str(work / "joint.ckpt"), cwd=work).returncode == 2
-    proc = unimoe("export", str(final), str(work / "joint-model"), cwd=work)  # the pickle-free model folder
+    assert unimoe("checkpoint", "consolidate", str(sharded), "--out", str(work / "joint.ckpt"), cwd=work).returncode == 2
+    proc = unimoe("export", str(sharded), str(work / "joint-model"), cwd=work)  # the pickle-free model folder
     assert proc.returncode == 0, proc.stderr[-2000:]
     from_file, meta = load_model(work / "joint.ckpt")
-    from_folder, _ = load_model(final)  # generation, evaluation, upcycle and init_from read folders too
+    from_folder, _ = load_model(sharded)  # generation, evaluation, upcycle and init_from read sharded folders too
     exported, _ = load_model(work / "joint-model")
-    next_stage = JointStage(init_from=str(final))  # init_from straight from the sharded folder
+    next_stage = JointStage(init_from=str(sharded))  # init_from straight from the sharded folder
     assert meta.stage == "joint" and meta.config.moe.num_routed_experts == 4
     assert next_stage.lineage["init_from"]["stage"] == "joint"
     for (name, a), (_, b), (_, c) in zip(from_file.state_dict().items(), from_folder.state_dict().items(),
                                          next_stage.model.state_dict().items()):
         assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, exported.state_dict()[name]), name
-    proc = unimoe("generate", "--ckpt", str(work / "joint.ckpt"), "--task", "t2m", "--text", "calm piano",
-                  "--max-seconds", "1", "--out", str(work / "gen"), cwd=work)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    clip = json.loads((work / "gen" / "generated.jsonl").read_text().splitlines()[0])
-    assert (work / "gen" / Path(clip["audio"]).name).is_file()
+    # the stage's final model (step 3) is gathered from the shards into a model folder at the end of fit
+    final = work / "u" / "final"
+    assert (final / "model.safetensors").is_file() and not list((work / "u").glob(".final*"))
+    final_model, final_meta = load_model(final)
+    assert final_meta.stage == "joint" and final_model.state_dict().keys() == from_file.state_dict().keys()
+    for path in (work / "joint.ckpt", final):
+        proc = unimoe("generate", "--ckpt", str(path), "--task", "t2m", "--text", "calm piano",
+                      "--max-seconds", "1", "--out", str(work / "gen" / path.name), cwd=work)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        clip = json.loads((work / "gen" / path.name / "generated.jsonl").read_text().splitlines()[0])
+        assert (work / "gen" / path.name / Path(clip["audio"]).name).is_file()
 
 
 @pytest.mark.slow
@@ -143,7 +149,7 @@ def test_a_killed_rank_resumes_through_the_curriculum(tmp_path, data):
     assert f"resuming at step {saved_step}/6" in second.stderr
     done = json.loads((tmp_path / "runs" / "joint" / "DONE.json").read_text())
     assert done["global_step"] == 6 and done["resumed_from"]["step"] == saved_step
-    model, meta = load_model(tmp_path / "runs" / "joint" / "final.ckpt")
+    model, meta = load_model(tmp_path / "runs" / "joint" / "final")
     assert meta.stage == "joint" and all(torch.isfinite(p).all() for p in model.parameters())
     run = tmp_path / "runs" / "joint"
     # under the strategy, validation ran on both ranks, routing counts were summed over them, and rank 0

@@ -93,8 +93,11 @@ def test_estimate_matches_measured_live_tensor_peak(preset, ac):
 
 
 # ---------------------------------------------------------------------- recipes
-def test_paper_joint_under_ddp_does_not_fit_and_fits_with_expert_parallel(capsys):
-    ddp = _plan(capsys, "--config", str(PAPER), "--stage", "joint")
+def test_paper_joint_fits_as_shipped_and_would_not_under_ddp(capsys):
+    shipped = _plan(capsys, "--config", str(PAPER), "--stage", "joint")
+    assert shipped["fits"] is True and shipped["strategy"]["expert_parallel_size"] == 4
+    assert shipped["strategy"]["data_parallel_size"] == 2 and shipped["nodes"] == 1
+    ddp = _plan(capsys, "--config", str(PAPER), "--stage", "joint", "--strategy", "ddp")
     assert ddp["fits"] is False and ddp["per_device_gb"] > 80 and ddp["strategy"]["kind"] == "ddp"
     assert ddp["model"]["moe"] and ddp["model"]["trainable_params"] == ddp["model"]["total_params"]
     # ~16 bytes per parameter before activations (fp32 weights, grads, 2 AdamW moments) + DDP's buckets
@@ -107,6 +110,13 @@ def test_paper_joint_under_ddp_does_not_fit_and_fits_with_expert_parallel(capsys
     assert ep["fits"] is True and ep["strategy"]["data_parallel_size"] == 8 and ep["nodes"] == 4
     assert ep["per_device_gb"] < ep["per_device_gb_without_checkpointing"]
     assert ep["components_gb"]["parameters"] == pytest.approx(4 * ep["model"]["total_params"] / 32 / 2**30, rel=1e-3)
+
+
+@pytest.mark.parametrize("stage", ["specialist_tts_zh", "specialist_tts_en", "specialist_t2m", "specialist_v2m",
+                                   "warmup"])
+def test_every_paper_stage_fits_one_node_as_shipped(capsys, stage):
+    plan = _plan(capsys, "--config", str(PAPER), "--stage", stage)
+    assert plan["fits"] is True and plan["nodes"] == 1 and plan["strategy"]["name"] == "MoEParallelStrategy"
 
 
 def test_warmup_trains_only_routers_and_shared_experts(capsys):

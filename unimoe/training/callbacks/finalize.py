@@ -73,14 +73,18 @@ def _is_unimoe_stage(module: L.LightningModule) -> bool:
 
 
 def _checkpoint_to_folder(tmp: Path, folder: Path) -> None:
-    """The stage's just-written checkpoint -> a model folder (tensors streamed from the mmapped file)."""
+    """The stage's just-written checkpoint -> a model folder (tensors streamed from the mmapped file).
+
+    ``tmp`` is a ``.ckpt`` file, or a sharded checkpoint folder under ``MoEParallelStrategy``."""
+    import shutil
+
     from unimoe.checkpoint import open_model_file, save_model_folder
 
     try:
         opened = open_model_file(tmp)
         save_model_folder(folder, opened.tensors, opened.metadata)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
 def write_status_json(path: Path, data: dict) -> None:
