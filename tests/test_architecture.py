@@ -128,7 +128,7 @@ def test_every_declared_component_resolves_to_its_kind_and_the_install_is_curren
     kinds = {"routers": Router, "experts": ExpertGroup, "codecs": AudioCodec, "tasks": TaskBuilder,
              "vision_encoders": VisionEncoder, "text_tokenizers": TextTokenizer, "metrics": MetricBackend,
              "eval_scorers": Scorer, "stages": LightningModule, "data_modules": LightningDataModule,
-             "callbacks": Callback, "strategies": Strategy}
+             "callbacks": Callback, "strategies": Strategy, "generation_presets": None}
     declared = declared_entry_points()
     assert set(declared) == {r.entry_point_group for r in ALL_REGISTRIES} == {f"unimoe.{k}" for k in kinds}
     installed = {(ep.group, ep.name, ep.value) for ep in metadata.distribution("unimoe").entry_points
@@ -138,6 +138,11 @@ def test_every_declared_component_resolves_to_its_kind_and_the_install_is_curren
     for registry in ALL_REGISTRIES:
         for name in declared[registry.entry_point_group]:
             obj = registry.get(name)
+            if registry.name == "generation_presets":  # functions returning GenerationSettings fields
+                from unimoe.generation.settings import GenerationSettings
+
+                GenerationSettings.from_options(obj())
+                continue
             assert isinstance(obj, type) and issubclass(obj, kinds[registry.name]), (registry.name, name, obj)
             if registry.name in ("stages", "data_modules", "callbacks"):
                 assert obj.__name__ == name  # LightningCLI resolves YAML's short class_path by class name

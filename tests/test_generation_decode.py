@@ -155,6 +155,24 @@ def test_eos_never_drawn_unless_argmax():
         check_segment(seg, 25, model)
 
 
+def test_eos_logit_scale_multiplies_the_guided_eos_logit_before_the_argmax_rule():
+    """The release's ``eos_prob_mul_factor``: codebook 0's EOS logit (bias 100 over a code at 80) is
+    scaled after guidance; at 0.6 it is 60 + the model's own logit, below the code, so EOS is never
+    the argmax and the clip runs to its limit; unscaled it ends at the first allowed frame."""
+    model = tiny_model("tiny")
+    cond, _ = prompts(model)
+    bias = torch.zeros(4, 19)
+    bias[0, 16], bias[0, 3] = 100.0, 80.0
+    bias_head(model, bias)
+    ends = decode(model, cond, None, sampling(temperature=0.0), max_frames=[12] * 3)
+    assert ends.stop_reasons == ["eos"] * 3 and ends.num_frames == [1] * 3
+    for eos_logit_scale in (0.6, 0.0):
+        runs = decode(model, cond, None, sampling(temperature=0.0), max_frames=[12] * 3, eos_logit_scale=eos_logit_scale)
+        assert runs.stop_reasons == ["max_frames"] * 3 and runs.num_frames == [12] * 3
+    assert decode(model, cond, None, sampling(temperature=0.0), max_frames=[12] * 3,
+                  eos_logit_scale=1.1).num_frames == [1] * 3
+
+
 def test_duration_guard_and_context_limit():
     model = tiny_model("tiny")
     cond, uncond = prompts(model)

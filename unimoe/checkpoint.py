@@ -304,25 +304,23 @@ def save_model_checkpoint(path: str | Path, model: torch.nn.Module, metadata: Ch
 
 def save_model_folder(
     path: str | Path, state: torch.nn.Module | Mapping[str, torch.Tensor], metadata: CheckpointMetadata,
-    *, dtype: torch.dtype | None = None,
+    *, dtype: torch.dtype | None = None, extra_files: Mapping[str, Path] | None = None,
 ) -> Path:
     """Write a model folder (``model.safetensors`` + ``config.json``) atomically.
 
-    ``state`` is an AudioLM or its state dict; ``dtype`` casts floating tensors (e.g. bf16 to
-    halve the size). The folder is built under a temporary name and renamed into place; an
+    ``state`` is an AudioLM or its state dict (or a lazy mapping, e.g. a converter's: tensors
+    are read and written one at a time); ``dtype`` casts floating tensors (e.g. bf16 to halve the size). The folder is built under a temporary name and renamed into place; an
     existing *model folder* at ``path`` is replaced, any other existing path is refused.
     """
-    from unimoe.safetensors_io import save_safetensors
+    from unimoe.safetensors_io import stream_safetensors
 
     path = Path(path).expanduser()
     if path.exists() and not _is_replaceable(path):
         raise CheckpointError(f"{path} exists and is not a unimoe model folder; refusing to replace it")
-    tensors = state.state_dict() if isinstance(state, torch.nn.Module) else dict(state)
-    if dtype is not None:
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    from unimoe.finite import check_finite_weights
+    from unimoe.finite import FiniteCheckedTensors, raise_if_nonfinite
 
-    check_finite_weights(tensors, str(path))  # a NaN model never replaces a good one
+    # a lazy mapping stays lazy; each tensor is checked as it is written (a NaN model never replaces a good one)
+    tensors = FiniteCheckedTensors(state.state_dict() if isinstance(state, torch.nn.Module) else state)
     config = {"format": FOLDER_FORMAT, **metadata.to_dict()}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -331,7 +329,12 @@ def save_model_folder(
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
-            save_safetensors(tmp / FOLDER_WEIGHTS, tensors, metadata={"format": "pt", "unimoe": FOLDER_FORMAT})
+            stream_safetensors(tmp / FOLDER_WEIGHTS, tensors, dtype=dtype,
+                               metadata={"format": "pt", "unimoe": FOLDER_FORMAT})
+            raise_if_nonfinite(tensors.bad, str(path))
+            for name, source in (extra_files or {}).items():  # e.g. tokenizer/<file>: shipped inside the folder
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, tmp / name)
             (tmp / FOLDER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             fault_point(path)
             if path.exists():

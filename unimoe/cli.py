@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "codec": ("unimoe.commands.codec:main", "fit the embedded spectral_rvq codec on a corpus; round-trip a file"),
     "tokenize": ("unimoe.commands.tokenize:main", "encode a manifest's audio into codec-token shards"),
     "checkpoint": ("unimoe.commands.checkpoint:main", "consolidate or inspect sharded (multi-GPU) checkpoints"),
+    "import": ("unimoe.commands.import_model:main", "convert a released model (uni-moe-audio: the authors' checkpoint) into a model folder"),
     "export": ("unimoe.commands.export:main", "write a checkpoint as a pickle-free model folder (safetensors + JSON)"),
     "generate": ("unimoe.commands.generate:main", "generate speech or music from a checkpoint"),
     "evaluate": ("unimoe.commands.evaluate:main", "score a checkpoint or a folder of WAVs with a suite"),

@@ -39,7 +39,12 @@ def check_finite_weights(state_dict: Mapping[str, Any], what: str,
     ``what`` names the checkpoint in the message. ``reduce`` sums a count over ranks (sharded
     weights: every rank must take the same decision, or the others would hang in the save).
     """
-    bad = nonfinite_tensors(state_dict.items())
+    raise_if_nonfinite(nonfinite_tensors(state_dict.items()), what, reduce)
+
+
+def raise_if_nonfinite(bad: list[tuple[str, int, int]], what: str,
+                       reduce: Callable[[Tensor], Tensor] | None = None) -> None:
+    """Raise :class:`NonFiniteWeightsError` naming ``bad`` (from :func:`nonfinite_tensors`), if any."""
     total = len(bad)
     if reduce is not None:
         total = int(reduce(torch.tensor(float(total))).item())
@@ -52,3 +57,34 @@ def check_finite_weights(state_dict: Mapping[str, Any], what: str,
         "The previous checkpoint is left as it was; resume from it with a lower learning rate, or find "
         "the batch that diverged (NonFiniteGuard warnings name the examples)."
     )
+
+
+class FiniteCheckedTensors(Mapping):
+    """A view of a (lazy) tensor mapping that records the non-finite tensors as they are read, so a
+    streaming writer checks each tensor in the same single pass that writes it (:attr:`bad`)."""
+
+    def __init__(self, tensors: Mapping[str, Any]) -> None:
+        self.tensors = tensors
+        self.bad: list[tuple[str, int, int]] = []
+
+    def __getitem__(self, key: str) -> Any:
+        value = self.tensors[key]
+        self.bad.extend(nonfinite_tensors([(key, value)]))
+        return value
+
+    def shape_of(self, key: str) -> tuple[int, ...]:
+        """From the wrapped mapping's header when it is lazy: planning a file reads no tensor."""
+        from unimoe.safetensors_io import tensor_shape
+
+        return tensor_shape(self.tensors, key)
+
+    def dtype_of(self, key: str) -> torch.dtype:
+        from unimoe.safetensors_io import tensor_dtype
+
+        return tensor_dtype(self.tensors, key)
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)

@@ -347,6 +347,8 @@ VISION_ENCODERS: Registry = Registry("vision_encoders", "vision encoder")
 TEXT_TOKENIZERS: Registry = Registry("text_tokenizers", "text tokenizer")
 SCORERS: Registry = Registry("eval_scorers", "evaluation metric")
 """Metric definitions (WER, SIM, FAD...) that combine a METRICS backend's outputs into a score."""
+GENERATION_PRESETS: Registry = Registry("generation_presets", "generation preset")
+"""Named sampling defaults (``unimoe generate --preset``): functions returning GenerationSettings fields."""
 STAGES: Registry = Registry("stages", "training stage")
 DATA_MODULES: Registry = Registry("data_modules", "data module")
 CALLBACKS: Registry = Registry("callbacks", "training callback")
@@ -358,7 +360,8 @@ resolves those among imported classes, so the CLI imports these groups before it
 (entry-point name = class name)."""
 
 ALL_REGISTRIES: tuple[Registry, ...] = (
-    ROUTERS, EXPERTS, CODECS, METRICS, TASKS, VISION_ENCODERS, TEXT_TOKENIZERS, SCORERS, *LIGHTNING_REGISTRIES,
+    ROUTERS, EXPERTS, CODECS, METRICS, TASKS, VISION_ENCODERS, TEXT_TOKENIZERS, SCORERS, GENERATION_PRESETS,
+    *LIGHTNING_REGISTRIES,
 )
 
 

@@ -13,6 +13,8 @@ the file.
 from __future__ import annotations
 
 import json
+import math
+import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,12 @@ import torch
 from unimoe.checkpoint import CheckpointError
 
 INDEX_SUFFIX = ".index.json"
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+"""safetensors dtype names -> torch dtypes (the ones model files hold)."""
+NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 
 def _safe_open(path: Path):
@@ -72,6 +80,13 @@ class SafetensorsTensors(Mapping):
     def shape_of(self, key: str) -> tuple[int, ...]:
         """Shape from the header, without reading the tensor."""
         return tuple(self._slice(key).get_shape())
+
+    def dtype_of(self, key: str) -> torch.dtype:
+        """Dtype from the header, without reading the tensor."""
+        name = self._slice(key).get_dtype()
+        if name not in DTYPES:
+            raise CheckpointError(f"{self._file_of[key]}: tensor {key!r} has dtype {name}, which unimoe does not read")
+        return DTYPES[name]
 
     def _slice(self, key: str):
         path = self._file_of[key]
@@ -124,6 +139,49 @@ def tensor_shape(tensors: Mapping, key: str) -> tuple[int, ...]:
     """Shape of ``tensors[key]``, from the header when the mapping is lazy."""
     shape_of = getattr(tensors, "shape_of", None)
     return shape_of(key) if shape_of is not None else tuple(tensors[key].shape)
+
+
+def tensor_dtype(tensors: Mapping, key: str) -> torch.dtype:
+    """Dtype of ``tensors[key]``, from the header when the mapping is lazy."""
+    dtype_of = getattr(tensors, "dtype_of", None)
+    return dtype_of(key) if dtype_of is not None else tensors[key].dtype
+
+
+def stream_safetensors(path: str | Path, tensors: Mapping, *, dtype: torch.dtype | None = None,
+                       metadata: dict[str, str] | None = None) -> Path:
+    """Write ``tensors`` (a lazy mapping is fine) to one safetensors file, one tensor in memory at a time.
+
+    The header is laid out from shapes and dtypes first (``shape_of``/``dtype_of`` of a lazy
+    mapping: nothing is read), then each tensor is read, cast (``dtype`` applies to floating
+    tensors), checked against its header entry and written, so converting a checkpoint never
+    holds a second copy of it (``safetensors.torch.save_file`` needs them all at once).
+    """
+    keys = list(tensors)
+    plan: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for key in keys:
+        shape, kind = tensor_shape(tensors, key), tensor_dtype(tensors, key)
+        if dtype is not None and kind.is_floating_point:
+            kind = dtype
+        nbytes = math.prod(shape) * torch.empty((), dtype=kind).element_size()
+        header[key] = {"dtype": NAMES[kind], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        plan[key] = (tuple(shape), kind)
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the format aligns the data to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for key in keys:
+            shape, kind = plan[key]
+            tensor = tensors[key].detach().to("cpu", kind).contiguous()
+            if tuple(tensor.shape) != shape:
+                raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, its header says {shape}")
+            if tensor.numel():
+                f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+            del tensor
+    return Path(path)
 
 
 def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:

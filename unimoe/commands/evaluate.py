@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--wavs", help="folder of generated clips named <id>.wav")
     src.add_argument("--ckpt", help="checkpoint to generate from first (needs unimoe.generation)")
+    p.add_argument("--preset", help="with --ckpt: the generation preset to sample with (e.g. uni_moe_audio_tts)")
     p.add_argument("--out", help="output folder (default runs/eval/<suite>-<time>)")
     p.add_argument("--reference-set", help="folder or manifest of reference clips for FAD (overrides the suite)")
     p.add_argument("--audio-root", help="resolve relative manifest paths against this folder (default: the manifest's)")
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             suite.on_unavailable = "skip"
         if args.by_task:
             suite.by_task = True
-        generator = load_checkpoint_generator(args.ckpt) if args.ckpt else None
+        options = {"preset": args.preset} if args.preset else {}
+        generator = load_checkpoint_generator(args.ckpt, **options) if args.ckpt else None
         report = run_suite(
             suite, manifest=args.manifest, wavs=args.wavs, generator=generator, out_dir=args.out,
             reference_set=args.reference_set, audio_root=args.audio_root, tracking_uri=args.tracking_uri,

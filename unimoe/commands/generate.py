@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, else fp32) | fp32 | bf16 | fp16")
     s = p.add_argument_group("sampling (defaults follow the authors' release)")
+    s.add_argument("--preset", help="a named generation preset to start from (flags override it), e.g. "
+                                    "uni_moe_audio_t2m: the release's text-to-music defaults (docs/generation.md)")
     s.add_argument("--seed", type=int, help=f"seed of the first request; request i uses seed + i (default {_DEFAULTS.seed})")
     s.add_argument("--temperature", type=_per_codebook(float),
                    help=f"per codebook, comma-separated or one value; 0 = greedy (default {_DEFAULTS.temperature})")
@@ -60,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=_per_codebook(float), help=f"per codebook; 1 = off (default {_DEFAULTS.top_p})")
     s.add_argument("--cfg-scale", type=float,
                    help=f"guidance uncond + s * (cond - uncond); 1 = off (default {_DEFAULTS.cfg_scale})")
+    s.add_argument("--eos-logit-scale", type=float,
+                   help=f"multiply the EOS logit after guidance (release music: 0.6; default {_DEFAULTS.eos_logit_scale})")
     s.add_argument("--top-p-router", type=float, dest="router_top_p",
                    help="override the MoE routers' top-p (lower = fewer experts per token, faster); default: trained value")
     s.add_argument("--experts-per-token", type=float,
@@ -84,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-SETTING_ARGS = ("seed", "temperature", "top_k", "top_p", "cfg_scale", "router_top_p", "experts_per_token", "max_seconds",
-                "min_seconds", "max_prompt_seconds", "batch_size", "use_cache", "cache", "compile", "routing_stats")
+SETTING_ARGS = ("seed", "temperature", "top_k", "top_p", "cfg_scale", "eos_logit_scale", "router_top_p",
+                "experts_per_token", "max_seconds", "min_seconds", "max_prompt_seconds", "batch_size", "use_cache", "cache",
+                "compile", "routing_stats")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     from unimoe.generation.pipeline import parse_codec_spec
 
     try:
-        settings = GenerationSettings.from_options({k: getattr(args, k) for k in SETTING_ARGS if getattr(args, k) is not None})
+        settings = GenerationSettings.from_options({k: getattr(args, k) for k in SETTING_ARGS if getattr(args, k) is not None},
+                                                   preset=args.preset)
         if args.requests:
             requests = read_requests(args.requests)
         else:

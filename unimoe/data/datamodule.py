@@ -195,7 +195,8 @@ class UniMoEDataModule(L.LightningDataModule):
     def maker(self, train: bool) -> SequenceMaker:
         layout = self.resolve_layout()
         return SequenceMaker(layout.config, cond_drop_prob=self.cond_drop_prob, tasks=self.task_args, train=train,
-                             pad_to_multiple_of=self.pad_to_multiple_of, seed=self.seed, task_ids=layout.task_ids)
+                             pad_to_multiple_of=self.pad_to_multiple_of, seed=self.seed, task_ids=layout.task_ids,
+                             task_formats=layout.task_formats)
 
     def _load(self, which: str) -> _Split | None:
         split = self.splits[which]

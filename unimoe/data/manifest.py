@@ -19,8 +19,8 @@ from typing import Any, Iterable
 
 from unimoe.atomic import atomic_path
 from unimoe.jsonl import iter_json_lines, resolve_path
-from unimoe.model.tasks import field_of, task_class
-from unimoe.registry import TASKS, RegistryError
+from unimoe.model.tasks import field_of, task_class, task_names
+from unimoe.registry import RegistryError
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 PATH_FIELDS: tuple[str, ...] = ("audio", "prompt_audio", "video")
@@ -82,7 +82,7 @@ class ManifestError(ValueError):
 
 def known_tasks() -> tuple[str, ...]:
     """Every registered task, in-tree or from a plug-in (names only: read from the package metadata)."""
-    return tuple(TASKS.names())
+    return tuple(task_names())
 
 
 def required_fields(task: str) -> list[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
@@ -37,6 +37,9 @@ class SequenceLayout:
 
     config: AudioLMConfig
     task_ids: TaskIds
+    task_formats: dict[str, str] = field(default_factory=dict)
+    """Task -> the builder the model was trained with (its prompt format, e.g. ``uni_moe_audio_tts`` for the
+    imported release); the data's own ``tasks`` args still override it."""
 
     def disagreements(self, other: AudioLMConfig) -> list[str]:
         """``field: data <other's> vs model <this one's>`` for every sequence-layout field where they differ."""
@@ -69,9 +72,11 @@ class SequenceMaker:
         pad_to_multiple_of: int = 1,
         seed: int = 0,
         task_ids: TaskIds | None = None,
+        task_formats: Mapping[str, str] | None = None,
     ) -> None:
         self.model = model
         self.task_ids = task_ids
+        self.task_formats = dict(task_formats or {})
         self.cond_drop_prob = cond_drop_prob
         self.task_args = {k: dict(v) for k, v in (tasks or {}).items()}
         self.train = train
@@ -84,7 +89,8 @@ class SequenceMaker:
     def builder(self, task: str):
         b = self._builders.get(task)
         if b is None:
-            spec = {"name": task, "cond_drop_prob": self.cond_drop_prob, **self.task_args.get(task, {})}
+            spec = {"name": self.task_formats.get(task, task), "cond_drop_prob": self.cond_drop_prob,
+                    **self.task_args.get(task, {})}
             b = self._builders[task] = build_task_builder(spec, self.model, task_ids=self.task_ids)
         return b
 

@@ -72,7 +72,7 @@ def load_checkpoint_generator(ckpt: str | Path, **options: Any) -> Generator:
 
     try:
         generator = build(str(ckpt), **options)
-    except (CheckpointError, generation.GenerationError) as exc:  # a bad --ckpt is bad input: one line
+    except (CheckpointError, generation.GenerationError, generation.SettingsError) as exc:  # bad input: one line
         raise EvaluationError(f"--ckpt {ckpt}: {exc}") from exc
     if not callable(generator):
         raise EvaluationError(f"unimoe.generation.build_generator returned {type(generator).__name__}, not a Generator")

@@ -112,6 +112,8 @@ class DecodePlan:
     eos_codebook: int
     min_frames: int
     cfg_scale: float
+    eos_logit_scale: float = 1.0
+    """Multiplies the deciding codebook's guided EOS logit (the release's ``eos_prob_mul_factor``)."""
 
     @property
     def rows_per_request(self) -> int:
@@ -124,7 +126,7 @@ class DecodePlan:
 
 
 def plan_decode(model, prompts: list[Sequence], uncond_prompts: list[Sequence] | None, *, max_frames: list[int],
-                min_frames: int, cfg_scale: float, seeds: Seq[int] | None) -> DecodePlan:
+                min_frames: int, cfg_scale: float, seeds: Seq[int] | None, eos_logit_scale: float = 1.0) -> DecodePlan:
     """Check the inputs and compute the per-request frame limits (:class:`ContextTooLong` if none fits)."""
     cfg = model.config
     n = len(prompts)
@@ -148,7 +150,7 @@ def plan_decode(model, prompts: list[Sequence], uncond_prompts: list[Sequence] |
         limits.append(min(max_frames[i], room))
     return DecodePlan(n=n, cfg_rows=uncond_prompts is not None, limits=limits, max_steps=max(limits) + 1 + D,
                       delays=delays, eos_codebook=min(range(len(delays)), key=delays.__getitem__),
-                      min_frames=min_frames, cfg_scale=cfg_scale)
+                      min_frames=min_frames, cfg_scale=cfg_scale, eos_logit_scale=eos_logit_scale)
 
 
 def bucket(length: int, cap: int) -> int:
@@ -229,7 +231,10 @@ class DecodeState:
         src = self.step - plan.delays[plan.eos_codebook]  # undelayed frame of the deciding codebook
         allow_eos = (src - 1) >= self.min_start
         uniforms = None if self.uniforms is None else self.uniforms.index_select(1, self.step.view(1)).squeeze(1)
-        drawn = self.sampler.sample(guide(cond, uncond, plan.cfg_scale), allow_eos, uniforms)  # [m, C]
+        guided = guide(cond, uncond, plan.cfg_scale)  # [m, C, V]
+        if plan.eos_logit_scale != 1.0:
+            guided[:, plan.eos_codebook, sp.eos] *= plan.eos_logit_scale
+        drawn = self.sampler.sample(guided, allow_eos, uniforms)  # [m, C]
 
         running = self.eos_frame < 0
         hit_limit = running & (src == self.limit + 1)
@@ -397,6 +402,7 @@ def decode(
     *,
     max_frames: list[int],
     cfg_scale: float = 1.0,
+    eos_logit_scale: float = 1.0,
     min_frames: int = 0,
     use_cache: bool = True,
     cache: CacheKind = "static",
@@ -408,7 +414,8 @@ def decode(
 ) -> DecodeOutput:
     """Generate the target segment of every prompt (``prefix()`` sequences ending in the BOS frame).
 
-    ``uncond_prompts`` (same order, or None) enables CFG with ``cfg_scale``. ``max_frames``
+    ``uncond_prompts`` (same order, or None) enables CFG with ``cfg_scale``; ``eos_logit_scale``
+    multiplies the deciding codebook's guided EOS logit (the release's ``eos_prob_mul_factor``). ``max_frames``
     is per request; ``min_frames`` forbids EOS earlier (at least one frame is always made).
     ``seeds`` (one per request, default ``0 .. n-1``) fix each request's random stream
     independently of the batch. ``cache``: ``static`` (fixed shapes) or ``dynamic`` (drops
@@ -424,7 +431,7 @@ def decode(
     if compile and keep_trace:
         raise ValueError("decode: keep_trace records host-side data every step; it cannot run compiled")
     plan = plan_decode(model, prompts, uncond_prompts, max_frames=max_frames, min_frames=min_frames,
-                       cfg_scale=cfg_scale, seeds=seeds)
+                       cfg_scale=cfg_scale, seeds=seeds, eos_logit_scale=eos_logit_scale)
     cfg = model.config
     device = model.audio_head.weight.device
     check_every = 1 if not use_cache else check_every or (16 if device.type == "cuda" else 1)

@@ -195,8 +195,8 @@ class Generator:
             self.model, cond, uncond, self.sampling,
             max_frames=[frames_for(s.max_seconds, self.frame_rate)] * len(batch),
             min_frames=frames_for(s.min_seconds, self.frame_rate),
-            cfg_scale=s.cfg_scale, use_cache=s.use_cache, cache=s.cache, compile=s.compile,
-            seeds=[item.seed for item in batch],
+            cfg_scale=s.cfg_scale, eos_logit_scale=s.eos_logit_scale, use_cache=s.use_cache, cache=s.cache,
+            compile=s.compile, seeds=[item.seed for item in batch],
             routing_stats=s.routing_stats or s.experts_per_token is not None,  # a budget is reported
         )
         codes = [segment_to_codes(seg.cpu(), self.config.delays, self.model.specials) for seg in out.segments]

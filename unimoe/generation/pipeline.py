@@ -113,11 +113,12 @@ class CheckpointGenerator:
 
 
 def build_generator(ckpt_path: str, **options: Any) -> CheckpointGenerator:
-    """``build_generator(ckpt, device="cpu", codec=spec, dtype="auto", skip_invalid=True, **GenerationSettings fields)``."""
+    """``build_generator(ckpt, device="cpu", codec=spec, dtype="auto", skip_invalid=True, preset=None, **GenerationSettings fields)``."""
     device = options.pop("device", "auto")
     dtype = options.pop("dtype", "auto")
     codec = options.pop("codec", None)
     skip_invalid = options.pop("skip_invalid", True)
-    settings = GenerationSettings.from_options(options)
+    preset = options.pop("preset", None)
+    settings = GenerationSettings.from_options(options, preset=preset)
     generator = load_generator(ckpt_path, codec=codec, device=device, dtype=dtype, settings=settings)
     return CheckpointGenerator(generator, skip_invalid=skip_invalid)

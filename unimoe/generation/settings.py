@@ -34,6 +34,9 @@ class GenerationSettings:
     """Nucleus: keep the smallest set of tokens whose probability reaches p; 1.0 = off."""
     cfg_scale: float = 4.0
     """Classifier-free guidance ``uncond + s * (cond - uncond)``; 1.0 = off (no uncond rows)."""
+    eos_logit_scale: float = 1.0
+    """Multiplies the deciding codebook's EOS logit after guidance, before the EOS-only-as-argmax rule
+    (the release's ``eos_prob_mul_factor``: 0.6 for music); 1.0 = unchanged."""
     max_seconds: float = 30.0
     """Hard cap on the generated duration: EOS is forced at this many seconds."""
     min_seconds: float = 0.0
@@ -75,6 +78,9 @@ class GenerationSettings:
             raise SettingsError(f"GenerationSettings.top_k must be integers >= 0, got {self.top_k}")
         if not math.isfinite(self.cfg_scale) or self.cfg_scale < 0:
             raise SettingsError(f"GenerationSettings.cfg_scale must be >= 0, got {self.cfg_scale}")
+        if not isinstance(self.eos_logit_scale, (int, float)) or not math.isfinite(self.eos_logit_scale) \
+                or self.eos_logit_scale < 0:
+            raise SettingsError(f"GenerationSettings.eos_logit_scale must be a finite number >= 0, got {self.eos_logit_scale!r}")
         if not self.max_seconds > 0 or not math.isfinite(self.max_seconds):
             raise SettingsError(f"GenerationSettings.max_seconds must be > 0, got {self.max_seconds}")
         if not 0 <= self.min_seconds <= self.max_seconds:
@@ -122,13 +128,29 @@ class GenerationSettings:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_options(cls, options: dict[str, Any]) -> "GenerationSettings":
-        """Build from a dict of field values; unknown keys raise naming them and the known ones."""
+    def from_options(cls, options: dict[str, Any], preset: str | None = None) -> "GenerationSettings":
+        """Build from a dict of field values (over the fields of ``preset``, a registered
+        generation preset); unknown keys raise naming them and the known ones."""
+        values = {**(preset_options(preset) if preset else {}), **options}
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
+        unknown = sorted(set(values) - known)
         if unknown:
-            raise SettingsError(f"unknown generation setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**options)
+            raise SettingsError(f"unknown generation setting(s) {unknown}"
+                                + (f" (from preset {preset!r})" if preset else "") + f"; known: {sorted(known)}")
+        return cls(**values)
+
+
+def preset_options(name: str) -> dict[str, Any]:
+    """The settings of the generation preset ``name`` (entry-point group ``unimoe.generation_presets``)."""
+    from unimoe.registry import GENERATION_PRESETS, RegistryError
+
+    try:
+        values = GENERATION_PRESETS.build(name)
+    except RegistryError as exc:
+        raise SettingsError(f"unknown generation preset {name!r}: {exc}") from exc
+    if not isinstance(values, dict):
+        raise SettingsError(f"generation preset {name!r} returned {type(values).__name__}, not a dict of settings")
+    return dict(values)
 
 
 def frames_for(seconds: float, frame_rate: float) -> int:

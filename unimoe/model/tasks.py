@@ -74,7 +74,7 @@ class TaskIds(Mapping):
     @classmethod
     def legacy(cls) -> "TaskIds":
         """The ids a checkpoint written before ids were stored was trained with (``tts=0, t2m=1, v2m=2``, others by name)."""
-        return cls([*LEGACY_TASK_ORDER, *sorted(n for n in TASKS.names() if n not in LEGACY_TASK_ORDER)])
+        return cls([*LEGACY_TASK_ORDER, *sorted(n for n in task_names() if n not in LEGACY_TASK_ORDER)])
 
     def extended(self, names: Iterable[str]) -> "TaskIds":
         """This table with the tasks of ``names`` it lacks appended (in name order); existing ids never move."""
@@ -411,6 +411,19 @@ class V2MBuilder(TaskBuilder):
             parts.append(Part(Modality.VISION, video=video, num_tokens=self.encoder.num_tokens(video.shape[0], video.shape[2], video.shape[3])))
         parts.append(self.text_block(caption if "text" in keep else []))
         return parts
+
+
+def task_names() -> list[str]:
+    """Registered names that are tasks. A builder registered under another name than its ``task`` is a
+    prompt format of that task (``uni_moe_audio_tts`` lays ``tts`` out as the release does), not a task."""
+    names = []
+    for name in TASKS.names():
+        try:
+            if task_class(name).task == name:
+                names.append(name)
+        except RegistryError:  # a broken plug-in: still listed, so using it reports its own error
+            names.append(name)
+    return names
 
 
 def task_class(name: str) -> type[TaskBuilder]:

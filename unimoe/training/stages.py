@@ -38,7 +38,7 @@ from unimoe.model.transformer import AudioLM
 from unimoe.moe.losses import AuxLossSchedule
 from unimoe.moe.stats import RoutingInfo, mean_over_layers
 from unimoe.pretrained import PRETRAINED_STAGE
-from unimoe.registry import ComponentField, ComponentSpec, plain_spec
+from unimoe.registry import ComponentField, ComponentSpec, plain_spec, spec_parts
 from unimoe.training.balance import GlobalLoadBalance
 from unimoe.training.determinism import step_randomness
 from unimoe.training.init_from import InitFrom, InitReport, load_initial_weights, read_init_checkpoint
@@ -184,9 +184,11 @@ class StageModule(L.LightningModule):
             seen[: self.tasks_seen.shape[0]] = self.tasks_seen
             self.tasks_seen = seen
             self._eval_losses = TaskLossAccumulator(self.config.num_codebooks, extended)
+        # The builders this model was trained with (its prompt format) lay out its data too.
+        formats = {t: name for t, s in self.task_args.items() if isinstance(name := spec_parts(s)[0], str)}
         for task, spec in task_specs.items():
             self.task_args.setdefault(task, spec)
-        return SequenceLayout(self.config, self.task_ids)
+        return SequenceLayout(self.config, self.task_ids, task_formats=formats)
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str) -> None:
