@@ -53,6 +53,7 @@ PLANS = [
     ("upcycle", "model folder", []),
     ("evaluate", "status/report", [0.7]),
     ("curriculum", "checkpoint", [0.5]),
+    ("study", "status/report", [0.5]),
 ]
 
 
