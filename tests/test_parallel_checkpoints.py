@@ -68,7 +68,7 @@ def test_sharded_checkpoint_resumes_on_one_process_at_the_same_next_step_loss(ep
 
 def test_consolidated_checkpoint_generates(ep2_run):
     work = ep2_run
-    sharded = work / "u" / "checkpoints" / "last.ckpt"  # the resume checkpoint: a sharded folder (step 2)
+    sharded = work / "u" / "checkpoints" / "step=2.ckpt"  # a resume checkpoint: a sharded folder
     proc = unimoe("checkpoint", "info", str(sharded), "--json", cwd=work)
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
