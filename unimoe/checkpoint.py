@@ -378,18 +378,18 @@ def load_state_into(
     built on the meta device is enough).
     """
     from unimoe.safetensors_io import tensor_shape
+    from unimoe.state_dicts import shape_differences
 
     own = model.state_dict()
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
+    found = {k: tensor_shape(tensors, k) for k in tensors}  # from the headers of a lazy mapping: nothing is read
+    missing, unexpected, mismatched = shape_differences(found, {k: v.shape for k, v in own.items()})
     if missing or unexpected:
         raise CheckpointError(
             f"{source} does not match its own model config: "
             f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
             f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
         )
-    bad = [f"{k}: file {tensor_shape(tensors, k)} vs model {tuple(v.shape)}" for k, v in own.items()
-           if tensor_shape(tensors, k) != tuple(v.shape)]
+    bad = [f"{k}: file {found[k]} vs model {tuple(own[k].shape)}" for k in mismatched]
     if bad:
         raise CheckpointError(f"{source} does not match its own model config: shape mismatch {bad[:6]}")
     if check_only:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from unimoe.atomic import fault_point
+from unimoe.state_dicts import shape_differences
 
 META_FILE = "meta.pt"
 """Lightning's name for the non-tensor part of a sharded checkpoint (``lightning.fabric.utilities.load``)."""
@@ -116,10 +117,8 @@ def check_fits(path: str | Path, expected: dict[str, tuple[int, ...]]) -> None:
     ``expected``: model key (``model.blocks.0...``, the LightningModule's state-dict keys) -> global shape.
     """
     saved = {k: shape for k, (shape, _) in tensor_shapes(path).items()}
-    missing = sorted(set(expected) - set(saved))
-    unexpected = sorted(set(saved) - set(expected))
-    mismatched = sorted(f"{k}: checkpoint {saved[k]} vs model {tuple(expected[k])}"
-                        for k in set(saved) & set(expected) if tuple(saved[k]) != tuple(expected[k]))
+    missing, unexpected, wrong = shape_differences(saved, expected)
+    mismatched = sorted(f"{k}: checkpoint {saved[k]} vs model {tuple(expected[k])}" for k in wrong)
     if missing or unexpected or mismatched:
         parts = []
         if mismatched:

@@ -29,6 +29,7 @@ import torch
 
 from unimoe.codecs.dac_model import DAC_VARIANTS, DacArchitecture, DacNetwork
 from unimoe.codecs.weights import CodecWeightsError
+from unimoe.state_dicts import shape_differences
 
 __all__ = [
     "DacRelease",
@@ -338,13 +339,9 @@ def build_dac_network(arch: DacArchitecture, state: dict[str, torch.Tensor], fil
     with torch.device("meta"):
         network = DacNetwork(arch)  # no memory, no init: the weights are assigned below
     expected = network.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [
-        f"{k} {tuple(state[k].shape)} (architecture wants {tuple(expected[k].shape)})"
-        for k in sorted(set(expected) & set(state))
-        if state[k].shape != expected[k].shape
-    ]
+    missing, unexpected, bad = shape_differences({k: v.shape for k, v in state.items()},
+                                                 {k: v.shape for k, v in expected.items()})
+    wrong = [f"{k} {tuple(state[k].shape)} (architecture wants {tuple(expected[k].shape)})" for k in sorted(bad)]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
